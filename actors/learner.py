@@ -1,0 +1,334 @@
+"""The learner: N ranked Ray actors that together host one DeepSpeed ZeRO engine.
+
+The learner knows models and DeepSpeed, not RL: the driver hands it an *objective*, a picklable
+function `objective(model, batch) -> (loss, metrics)`, and a batch slice per rank. By convention
+the objective's loss is this rank's share of the global batch's loss (its sum divided by the
+global count), and its metrics are shares too, so the driver adds them over ranks. DeepSpeed
+averages gradients over ranks, so the learner scales the loss by the world size before backward:
+N ranks then take exactly the step that one rank takes on the whole batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cluster import ActorGroup
+from cluster.groups import split_evenly
+
+Objective = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model a learner group trains."""
+
+    path: str
+    """Hugging Face folder (weights as safetensors, with its tokenizer)"""
+    kind: str = "causal_lm"
+    """"causal_lm" (policy, SFT) or "reward" (a sequence classifier with one output)"""
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
+    total_steps: int = 1
+    grad_clip: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    zero_stage: int = 2
+    backend: str = "gloo"
+    dtype: str = "float32"
+    torch_threads: int = 1
+    seed: int = 0
+    collective_timeout_s: float = 600.0
+    micro_batch: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _lr_lambda(opt: OptimSpec) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to min_lr_ratio (a factor of the peak lr)."""
+
+    def f(step: int) -> float:
+        if opt.warmup_steps and step < opt.warmup_steps:
+            return (step + 1) / opt.warmup_steps
+        span = max(1, opt.total_steps - opt.warmup_steps)
+        progress = min(1.0, (step - opt.warmup_steps) / span)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * cosine
+
+    return f
+
+
+class Learner:
+    """One rank. Create through `LearnerGroup`, which wires the ranks together."""
+
+    def __init__(self, rank: int, world_size: int, torch_threads: int = 1) -> None:
+        import torch
+
+        self.rank, self.world_size = rank, world_size
+        torch.set_num_threads(torch_threads)
+        self.engine: Any = None
+        self.spec: ModelSpec | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def init_distributed(self, master: tuple[str, int], engine: EngineSpec) -> None:
+        import torch
+
+        os.environ.update(
+            MASTER_ADDR=master[0],
+            MASTER_PORT=str(master[1]),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",  # each rank sees only its own device(s), if any
+        )
+        if engine.backend == "gloo" and not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # On the CPU, init_distributed compiles a shared-memory op (about 90 s) that training
+        # does not need; skip it (patch the module that DeepSpeed itself imports).
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        import deepspeed
+
+        deepspeed.init_distributed(
+            dist_backend=engine.backend,
+            auto_mpi_discovery=False,
+            timeout=timedelta(seconds=engine.collective_timeout_s),
+            rank=self.rank,
+            world_size=self.world_size,
+            verbose=False,
+        )
+        self.engine_spec = engine
+
+    def build(self, spec: ModelSpec, optim: OptimSpec) -> int:
+        """Load the model and wrap it in a ZeRO engine; returns its parameter count."""
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        e = self.engine_spec
+        torch.manual_seed(e.seed)  # a new head (the RM's) starts the same on every rank
+        dtype = torch.bfloat16 if e.dtype == "bfloat16" else torch.float32
+        common = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": spec.trust_remote_code}
+        if spec.kind == "reward":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                spec.path, num_labels=1, **common
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec.path, **common)
+        if torch.cuda.is_available():
+            model = model.to(f"cuda:{torch.cuda.current_device()}")
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=optim.lr,
+            betas=optim.betas,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(optim))
+        config = {
+            "train_micro_batch_size_per_gpu": e.micro_batch,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": e.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": optim.grad_clip,
+            "bf16": {"enabled": e.dtype == "bfloat16"},
+            "steps_per_print": 10**12,
+            "wall_clock_breakdown": False,
+            **e.extra,
+        }
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+        self.spec = spec
+        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+
+    # -- work --------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        device = self.engine.device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def train_step(self, batch: dict[str, Any], objective: Objective) -> dict[str, float]:
+        """One optimizer step on this rank's slice; returns this rank's metric shares."""
+        self.engine.train()
+        loss, metrics = objective(self.engine, self._to_device(batch))
+        # DeepSpeed averages gradients over ranks; the loss is already a share of the global
+        # batch's loss, so scale it back up to make the average equal the global gradient.
+        self.engine.backward(loss * self.world_size)
+        self.engine.step()
+        metrics = dict(metrics)
+        if self.rank == 0:
+            metrics["lr"] = float(self.engine.get_lr()[0])
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                metrics["grad_norm"] = float(norm)
+        return metrics
+
+    def forward(self, batch: dict[str, Any], fn: Callable[[Any, dict[str, Any]], Any]) -> Any:
+        """`fn(model, batch)` without gradients (evaluation, scoring); its result comes back."""
+        import torch
+
+        self.engine.eval()
+        with torch.no_grad():
+            out = fn(self.engine, self._to_device(batch))
+        return _to_cpu(out)
+
+    # -- weights -----------------------------------------------------------------------------
+
+    def _gathered(self) -> Any:
+        """Context in which every parameter is whole (ZeRO-3 gathers them; collective)."""
+        import contextlib
+
+        import deepspeed
+
+        if self.engine_spec.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(
+                list(self.engine.module.parameters()), modifier_rank=None
+            )
+        return contextlib.nullcontext()
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The full weights on rank 0 (CPU tensors), None on the others. Collective."""
+        with self._gathered():
+            if self.rank != 0:
+                return None
+            return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+
+    def save(self, path: str, config_updates: dict[str, Any] | None = None) -> None:
+        """Write a Hugging Face folder (safetensors + tokenizer) at `path`. Collective.
+
+        Rank 0 writes into `path`.tmp and renames it, so `path` is either the old folder or
+        the whole new one.
+        """
+        from transformers import AutoTokenizer
+
+        state = self.state_dict()
+        if self.rank != 0:
+            return
+        assert self.spec is not None and state is not None
+        module = self.engine.module
+        for key, value in (config_updates or {}).items():
+            setattr(module.config, key, value)
+        target, tmp = Path(path), Path(path + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.spec.path).save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+
+
+def _to_cpu(out: Any) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out.detach().cpu()
+    if isinstance(out, dict):
+        return {k: _to_cpu(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_cpu(v) for v in out)
+    return out
+
+
+class LearnerGroup:
+    """N learner ranks, placed together (PACK), hosting one ZeRO engine."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        ranks: int,
+        engine: EngineSpec,
+        cpus_per_rank: float = 1.0,
+        gpus_per_rank: float = 0.0,
+        placement_timeout_s: float = 120.0,
+        call_timeout_s: float = 600.0,
+    ) -> None:
+        self.name = name
+        self.group = ActorGroup(
+            Learner,
+            ranks,
+            name=name,
+            num_cpus=cpus_per_rank,
+            num_gpus=gpus_per_rank,
+            strategy="PACK",
+            placement_timeout_s=placement_timeout_s,
+            call_timeout_s=call_timeout_s,
+            actor_kwargs={"torch_threads": engine.torch_threads},
+        )
+        try:
+            master = self.group.call_rank(0, "address")
+            self.group.call("init_distributed", master, engine)
+        except BaseException:
+            self.group.shutdown()
+            raise
+
+    @property
+    def ranks(self) -> int:
+        return self.group.n
+
+    def build(self, spec: ModelSpec, optim: OptimSpec) -> int:
+        return int(self.group.call("build", spec, optim)[0])
+
+    def train_step(self, objective: Objective, shards: list[dict[str, Any]]) -> dict[str, float]:
+        """One step over the global batch given as one slice per rank; metrics summed over
+        ranks (they are shares), rank 0's extras (lr, grad_norm) as they are."""
+        per_rank = self.group.call_each("train_step", shards, objective=objective)
+        total: dict[str, float] = {}
+        for metrics in per_rank:
+            for key, value in metrics.items():
+                total[key] = total.get(key, 0.0) + value
+        return total
+
+    def forward(self, fn: Callable[[Any, dict[str, Any]], Any], shards: list[Any]) -> list[Any]:
+        return self.group.call_each("forward", shards, fn=fn)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.group.call("state_dict")[0]
+
+    def save(self, path: str | Path, config_updates: dict[str, Any] | None = None) -> None:
+        self.group.call("save", str(path), config_updates)
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+    def __enter__(self) -> LearnerGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+__all__ = ["EngineSpec", "Learner", "LearnerGroup", "ModelSpec", "OptimSpec", "split_evenly"]

@@ -1,0 +1,163 @@
+"""What the stage drivers share: the learner group from the config, sharded evaluation, model
+folder checks and the stage records."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.learner import EngineSpec, LearnerGroup, OptimSpec
+from cluster.groups import split_evenly
+from trainers.config import OptimConfig, RunConfig
+from trainers.data import DataError, check_tokenizer
+
+
+class ModelFolderError(ValueError):
+    """A model folder that the run cannot use; names the config field and the folder."""
+
+
+def check_model_folder(path: str | Path, field: str, *, reward: bool = False) -> Any:
+    """Check a Hugging Face model folder before any actor starts; returns its tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    folder = Path(path)
+    where = f"{field}: {folder}"
+    if not folder.is_dir():
+        raise ModelFolderError(f"{where}: model folder does not exist")
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(f"{where}: not a Hugging Face model folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelFolderError(
+            f"{where}: no *.safetensors weights (weights are read only as safetensors, never "
+            "pickle; convert .bin files with save_pretrained(safe_serialization=True))"
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise ModelFolderError(f"{where}: config.json cannot be read ({e})") from None
+    if reward and config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise ModelFolderError(
+            f"{where}: model type {config.model_type!r} has no sequence-classification head "
+            "in transformers, so it cannot become a reward model"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise ModelFolderError(f"{where}: no usable tokenizer in the folder ({e})") from None
+    try:
+        check_tokenizer(tokenizer, folder)
+    except DataError as e:
+        raise ModelFolderError(f"{field}: {e}") from None
+    return tokenizer
+
+
+def resolve_backend(config: RunConfig) -> str:
+    learner = config.learner
+    if learner.backend != "auto":
+        return learner.backend
+    return "nccl" if learner.gpus_per_rank > 0 else "gloo"
+
+
+def learner_group(config: RunConfig, name: str, batch_size: int) -> LearnerGroup:
+    learner = config.learner
+    engine = EngineSpec(
+        zero_stage=learner.zero_stage,
+        backend=resolve_backend(config),
+        dtype=learner.dtype,
+        torch_threads=learner.torch_threads,
+        seed=config.seed,
+        collective_timeout_s=learner.collective_timeout_s,
+        micro_batch=batch_size // learner.ranks,
+    )
+    return LearnerGroup(
+        name=name,
+        ranks=learner.ranks,
+        engine=engine,
+        cpus_per_rank=learner.cpus_per_rank,
+        gpus_per_rank=learner.gpus_per_rank,
+        placement_timeout_s=learner.placement_timeout_s,
+        call_timeout_s=learner.collective_timeout_s,
+    )
+
+
+def optim_spec(optim: OptimConfig, total_steps: int) -> OptimSpec:
+    return OptimSpec(
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        betas=optim.betas,
+        warmup_steps=optim.warmup_steps,
+        min_lr_ratio=optim.min_lr_ratio,
+        total_steps=total_steps,
+        grad_clip=optim.grad_clip,
+    )
+
+
+def evaluate(
+    group: LearnerGroup,
+    fn: Callable[[Any, dict[str, Any]], torch.Tensor],
+    examples: list[Any],
+    collate: Callable[[list[Any]], dict[str, Any]],
+    batch_size: int,
+) -> list[torch.Tensor]:
+    """`fn` over all examples, split over the ranks; one output row per example, in order.
+
+    Every rank gets a non-empty slice of every batch (ZeRO-3's forward pass is collective), so
+    the list is padded with copies of its first example, whose rows are dropped.
+    """
+    padded = examples + examples[:1] * (-len(examples) % group.ranks)
+    rows: list[torch.Tensor] = []
+    for start in range(0, len(padded), batch_size):
+        shards = split_evenly(padded[start : start + batch_size], group.ranks)
+        for out in group.forward(fn, [collate(s) for s in shards]):
+            rows.extend(out.unbind(0))
+    return rows[: len(examples)]
+
+
+def fingerprint(*paths: str | Path) -> dict[str, list[int]]:
+    """Size and modification time of each file under the given files and folders."""
+    out: dict[str, list[int]] = {}
+    for p in map(Path, paths):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            stat = f.stat()
+            out[str(f)] = [stat.st_size, stat.st_mtime_ns]
+    return out
+
+
+class StageRecord:
+    """`<run>/<stage>/stage.json`: the settings a stage ran with and the figures it reached.
+
+    A finished stage with the same settings is not run again; with other settings the run stops
+    (unless restarted) rather than overwrite finished work.
+    """
+
+    def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
+        self.path = folder / "stage.json"
+        self.settings = json.loads(json.dumps(settings, default=str))
+
+    def finished(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        record = json.loads(self.path.read_text())
+        if record.get("settings") == self.settings:
+            return dict(record["metrics"])
+        return None
+
+    def differences(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        old = json.loads(self.path.read_text()).get("settings", {})
+        return sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, "metrics": metrics}, indent=2) + "\n")
+        tmp.replace(self.path)

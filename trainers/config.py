@@ -1,0 +1,330 @@
+"""The run config: one YAML file per run, validated into typed objects.
+
+Every setting is a documented field (the docstring under it is its documentation, and the
+README's config reference is generated from these classes). An unknown field, a wrong type or an
+inconsistent pair of settings is a `ConfigError` that names the field and the file; nothing is
+silently changed. Command-line overrides (`key.sub=value`, the value read as YAML) are applied to
+the file's contents before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("sft", "rm")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+class Section(BaseModel):
+    # extra="forbid": an unknown field is an error; strict: no "3" -> 3 coercions behind the user's
+    # back (YAML already gives typed values, and overrides are parsed as YAML too).
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+
+class RayConfig(Section):
+    address: str | None = None
+    """Ray cluster to join ("auto", "ray://host:10001" or "host:6379"); null starts a local cluster
+    for this run and stops it at the end"""
+    num_cpus: int | None = Field(default=None, ge=1)
+    """CPUs that a local cluster offers (null: this machine's count); only with address null"""
+    include_dashboard: bool = False
+    """start Ray's dashboard with a local cluster (bound to 127.0.0.1)"""
+
+    @model_validator(mode="after")
+    def _local_only(self) -> RayConfig:
+        if self.address is not None and self.num_cpus is not None:
+            raise ValueError("ray.num_cpus sizes a local cluster; it cannot be set with ray.address")
+        return self
+
+
+class LearnerConfig(Section):
+    ranks: int = Field(default=2, ge=1)
+    """DeepSpeed ranks (Ray actors) that together host one ZeRO engine"""
+    zero_stage: Literal[2, 3] = 2
+    """ZeRO stage: 2 shards optimizer states and gradients, 3 also the parameters"""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """collective backend: auto is nccl when the ranks have GPUs, else gloo"""
+    cpus_per_rank: float = Field(default=1.0, gt=0)
+    """Ray CPUs reserved for each rank (fractions allowed, to share cores between roles)"""
+    gpus_per_rank: float = Field(default=0.0, ge=0)
+    """Ray GPUs reserved for each rank (0 trains on the CPU)"""
+    torch_threads: int = Field(default=1, ge=1)
+    """torch intra-op threads in each rank; 1 avoids oversubscribing a small machine"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """training precision (bfloat16 turns on DeepSpeed's bf16 mode)"""
+    placement_timeout_s: float = Field(default=120.0, gt=0)
+    """how long to wait for the cluster to place the ranks before failing with what is missing"""
+    collective_timeout_s: float = Field(default=600.0, gt=0)
+    """deadline of a collective (a rank that hangs longer fails the step instead of hanging)"""
+
+
+class TinyModelConfig(Section):
+    architecture: Literal["llama", "qwen2"] = "llama"
+    """model family of the built-in task's tiny causal LM (both are served by vLLM)"""
+    hidden_size: int = Field(default=128, ge=32)
+    """width of the residual stream"""
+    intermediate_size: int = Field(default=344, ge=1)
+    """width of the MLP (about 8/3 of hidden_size, as Llama does)"""
+    num_hidden_layers: int = Field(default=2, ge=1)
+    """transformer blocks"""
+    num_attention_heads: int = Field(default=4, ge=1)
+    """attention heads; hidden_size / heads must be >= 32 for vLLM's CPU attention"""
+    max_position_embeddings: int = Field(default=128, ge=16)
+    """longest sequence the model can see"""
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("task.model.hidden_size must be a multiple of num_attention_heads")
+        if self.hidden_size // self.num_attention_heads < 32:
+            raise ValueError(
+                "task.model: head dimension hidden_size / num_attention_heads is "
+                f"{self.hidden_size // self.num_attention_heads}; vLLM's CPU attention needs >= 32"
+            )
+        return self
+
+
+class TaskConfig(Section):
+    seed: int = 0
+    """seed of everything the task generates (same seed, same files)"""
+    train_prompts: int = Field(default=2000, ge=8)
+    """prompts with a demonstration and a ranked comparison each, for training"""
+    heldout_prompts: int = Field(default=200, ge=8)
+    """held-out prompts (and their demonstrations and comparisons) for evaluation"""
+    min_ranked: int = Field(default=4, ge=2)
+    """fewest responses ranked per comparison (InstructGPT: 4)"""
+    max_ranked: int = Field(default=6, ge=2)
+    """most responses ranked per comparison (InstructGPT: 9)"""
+    labeler_agreement: float = Field(default=0.73, gt=0.5, lt=1.0)
+    """how often the noisy comparison labels agree with the noiseless labeler on a pair
+    (InstructGPT's labelers agreed with each other about 73% of the time)"""
+    model: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    """the tiny random-init causal LM that SFT starts from"""
+
+    @model_validator(mode="after")
+    def _ranked(self) -> TaskConfig:
+        if self.min_ranked > self.max_ranked:
+            raise ValueError("task.min_ranked must be <= task.max_ranked")
+        return self
+
+
+class DataConfig(Section):
+    max_prompt_tokens: int = Field(default=32, ge=1)
+    """longest prompt, in tokens with the chat template, that any stage accepts"""
+    max_seq_len: int = Field(default=96, ge=2)
+    """longest prompt + response, in tokens"""
+    on_too_long: Literal["error", "skip"] = "error"
+    """a prompt or sequence over the limits: stop with the list of offending lines ("error"),
+    or leave those examples out and print the list ("skip"); never cut silently"""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DataConfig:
+        if self.max_prompt_tokens >= self.max_seq_len:
+            raise ValueError("data.max_prompt_tokens must be < data.max_seq_len")
+        return self
+
+
+class OptimConfig(Section):
+    lr: float = Field(default=1e-3, gt=0)
+    """peak learning rate of AdamW"""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW's decoupled weight decay"""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's betas"""
+    warmup_steps: int = Field(default=10, ge=0)
+    """linear warm-up steps; then cosine decay to min_lr_ratio · lr"""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """final learning rate as a fraction of lr"""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """clip the global gradient norm to this (0: no clipping)"""
+
+
+class SFTConfig(Section):
+    model: str | None = None
+    """folder of the pretrained causal LM (with its tokenizer); null: the built-in task's base"""
+    train_data: str | None = None
+    """demonstrations (JSONL or Parquet with "prompt" and "response"); null: the task's"""
+    heldout_data: str | None = None
+    """held-out demonstrations for the loss that the stage reports; null: the task's"""
+    epochs: int = Field(default=3, ge=1)
+    """passes over the demonstrations"""
+    batch_size: int = Field(default=32, ge=1)
+    """demonstrations per optimizer step, over all ranks (a multiple of learner.ranks)"""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """optimizer and schedule"""
+
+
+class RMConfig(Section):
+    model: str | None = None
+    """folder that the reward model starts from (a causal LM); null: this run's SFT model, as
+    InstructGPT initialised its RM from the SFT model"""
+    train_data: str | None = None
+    """comparisons (JSONL or Parquet with "prompt" and "responses" ranked best first, K >= 2);
+    null: the task's"""
+    heldout_data: str | None = None
+    """held-out comparisons for the pairwise accuracy; null: the task's"""
+    normalize_data: str | None = None
+    """demonstrations whose mean score becomes the RM's zero; null: the SFT stage's train data"""
+    epochs: int = Field(default=2, ge=1)
+    """passes over the comparisons"""
+    batch_size: int = Field(default=16, ge=1)
+    """prompts (each with all its K ranked responses) per step, over all ranks (a multiple of
+    learner.ranks)"""
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-4))
+    """optimizer and schedule"""
+
+
+class WandbConfig(Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline writes the run under the run folder (upload later with `wandb sync`); online needs
+    WANDB_API_KEY in the environment"""
+    project: str = "instructray"
+    """W&B project"""
+    entity: str | None = None
+    """W&B entity (team or user); null: the account's default"""
+
+
+class RunConfig(Section):
+    name: str
+    """run name (default: the config file's name without .yaml)"""
+    output_dir: str
+    """the run's folder (default: runs/<name>); one subfolder a stage"""
+    seed: int = 0
+    """seed of training (shuffling, initialisation of new heads)"""
+    stages: list[Literal["sft", "rm"]] = Field(default_factory=lambda: list(STAGES))
+    """stages to run, in recipe order"""
+    task: TaskConfig | None = Field(default_factory=TaskConfig)
+    """the built-in task; null when every stage names its own model and data"""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """token limits shared by every stage"""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """where the run's actors live"""
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    """the DeepSpeed learner group that trains SFT and the RM"""
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    """stage 1: supervised fine-tuning on demonstrations"""
+    rm: RMConfig = Field(default_factory=RMConfig)
+    """stage 2: reward model on ranked comparisons"""
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    """Weights & Biases logging"""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        order = [s for s in STAGES if s in self.stages]
+        if self.stages != order:
+            raise ValueError(f"stages must be in recipe order {list(STAGES)} without repeats")
+        for stage in ("sft", "rm"):
+            batch = getattr(self, stage).batch_size
+            if batch % self.learner.ranks:
+                raise ValueError(
+                    f"{stage}.batch_size ({batch}) must be a multiple of learner.ranks "
+                    f"({self.learner.ranks}) so that every rank gets the same share"
+                )
+        if self.task is None:
+            needs = {
+                "sft": ["model", "train_data", "heldout_data"],
+                "rm": ["train_data", "heldout_data"],
+            }
+            for stage in self.stages:
+                for name in needs[stage]:
+                    if getattr(getattr(self, stage), name) is None:
+                        raise ValueError(f"{stage}.{name} must be set when task is null")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["sft.lr=1e-3", "stages=[sft]"]` -> {"sft.lr": 0.001, "stages": ["sft"]}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+    return out
+
+
+def _apply(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override {dotted}: {'.'.join(parts[: i + 1])} is not a section "
+                f"(it holds {child!r})"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_names(loc: tuple[Any, ...]) -> list[str]:
+    """The names allowed next to the field at `loc` (for "did you mean")."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
+        model = next((a for a in args if issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _describe(err: Any, source: str, overridden: set[str]) -> str:
+    loc = tuple(err["loc"])
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    where = "the command line" if field in overridden else source
+    if err["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(str(loc[-1]), _field_names(loc), n=1)
+        tip = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"{where}: {field}: unknown field{tip}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {field}: {msg} (got {err.get('input')!r})"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config from YAML, apply `key.sub=value` overrides, validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    over = parse_overrides(overrides or [])
+    for key, value in over.items():
+        _apply(raw, key, value)
+    raw.setdefault("name", path.name.removesuffix(".yaml").removesuffix(".yml"))
+    if isinstance(raw["name"], str):
+        raw.setdefault("output_dir", str(Path("runs") / raw["name"]))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe(err, str(path), set(over)) for err in e.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    """The config as plain data (for logging and for the stage records)."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,160 @@
+"""`instructray run`: the stages that the config names, in recipe order, in one Ray session.
+
+Every input (config, data files, model folders) is checked before Ray starts, so a mistake costs
+seconds, not a cluster start. A stage that already finished with the same settings is not run
+again; `summary.json` in the run folder gathers the figures of every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster import RayRuntime
+from trainers import rm, sft
+from trainers.common import StageRecord, check_model_folder, fingerprint
+from trainers.config import RunConfig, to_dict
+from trainers.task import ensure_task, labeler_score
+from trainers.tracking import Tracker
+
+
+class StageConflict(RuntimeError):
+    """A finished stage's folder holds work done with other settings."""
+
+
+@dataclass
+class Paths:
+    run: Path
+    task: Path
+    sft_model: str
+    sft_train: str
+    sft_heldout: str
+    sft_out: Path
+    rm_model: str
+    rm_train: str
+    rm_heldout: str
+    rm_normalize: str
+    rm_out: Path
+
+
+def resolve_paths(config: RunConfig) -> Paths:
+    run = config.run_dir
+    task = run / "task"
+    sft_out = run / "sft" / "model"
+
+    def pick(value: str | None, default: Path) -> str:
+        return value if value is not None else str(default)
+
+    sft_train = pick(config.sft.train_data, task / "sft_train.jsonl")
+    return Paths(
+        run=run,
+        task=task,
+        sft_model=pick(config.sft.model, task / "base_model"),
+        sft_train=sft_train,
+        sft_heldout=pick(config.sft.heldout_data, task / "sft_heldout.jsonl"),
+        sft_out=sft_out,
+        rm_model=pick(config.rm.model, sft_out),
+        rm_train=pick(config.rm.train_data, task / "rm_train.jsonl"),
+        rm_heldout=pick(config.rm.heldout_data, task / "rm_heldout.jsonl"),
+        rm_normalize=pick(config.rm.normalize_data, Path(sft_train)),
+        rm_out=run / "rm" / "model",
+    )
+
+
+def _write_summary(path: Path, figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    for stage, values in figures.items():
+        summary.setdefault(stage, {}).update(values)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return dict(summary)
+
+
+def _stage(name: str, record: StageRecord, restart: bool, log: Any,
+           train: Callable[[], dict[str, float]]) -> dict[str, Any]:
+    """Run a stage unless it finished before with the same settings; record what it reached."""
+    if not restart:
+        done = record.finished()
+        if done is not None:
+            log(f"{name}: finished before with the same settings, see {record.path.parent}")
+            return done
+        if record.differences():
+            raise StageConflict(
+                f"{record.path.parent} holds a finished {name} stage run with other settings "
+                f"({', '.join(record.differences())} differ); pass --restart to train it again "
+                "over it, or choose another output_dir"
+            )
+    figures = train()
+    record.write(figures)
+    return figures
+
+
+def run(config: RunConfig, *, restart: bool = False, log: Any = print) -> dict[str, Any]:
+    """Run the config's stages; returns the summary (also written to `<run>/summary.json`)."""
+    started = time.time()
+    paths = resolve_paths(config)
+    paths.run.mkdir(parents=True, exist_ok=True)
+    (paths.run / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    labeler = None
+    if config.task is not None:
+        ensure_task(config.task, paths.task, log)
+        labeler = labeler_score
+
+    # -- check every input before Ray starts --------------------------------------------------
+    plain = to_dict(config)
+    shared = {"data": plain["data"], "learner": plain["learner"], "seed": config.seed}
+    inputs: dict[str, Any] = {}
+    if "sft" in config.stages:
+        tok = check_model_folder(paths.sft_model, "sft.model")
+        inputs["sft"] = sft.prepare(config, paths.sft_model, paths.sft_train, paths.sft_heldout,
+                                    tok, log)
+    if "rm" in config.stages:
+        # The RM starts from this run's SFT model, which may not exist yet: then its tokenizer
+        # is the SFT stage's input tokenizer.
+        tok = (check_model_folder(paths.sft_model, "sft.model")
+               if config.rm.model is None and "sft" in config.stages
+               else check_model_folder(paths.rm_model, "rm.model", reward=True))
+        inputs["rm"] = rm.prepare(config, paths.rm_model, paths.rm_train, paths.rm_heldout,
+                                  paths.rm_normalize, tok, log)
+
+    # -- run ------------------------------------------------------------------------------------
+    tracker = Tracker(mode=config.wandb.mode, project=config.wandb.project,
+                      entity=config.wandb.entity, name=config.name, run_dir=paths.run,
+                      config=plain)
+    figures: dict[str, dict[str, Any]] = {}
+    try:
+        with RayRuntime(config.ray.address, num_cpus=config.ray.num_cpus,
+                        include_dashboard=config.ray.include_dashboard):
+            if "sft" in config.stages:
+                record = StageRecord(paths.sft_out.parent, {
+                    **shared, "sft": plain["sft"],
+                    "inputs": fingerprint(paths.sft_model, paths.sft_train, paths.sft_heldout)})
+                figures["sft"] = _stage("sft", record, restart, log, lambda: sft.train(
+                    config, inputs["sft"], paths.sft_out, tracker, log))
+            if "rm" in config.stages:
+                check_model_folder(paths.rm_model, "rm.model", reward=True)
+                record = StageRecord(paths.rm_out.parent, {
+                    **shared, "rm": plain["rm"],
+                    "inputs": fingerprint(paths.rm_model, paths.rm_train, paths.rm_heldout,
+                                          paths.rm_normalize)})
+                figures["rm"] = _stage("rm", record, restart, log, lambda: rm.train(
+                    config, inputs["rm"], paths.rm_out, tracker, labeler, log))
+        tracker.summary({f"{s}/{k}": v for s, vals in figures.items() for k, v in vals.items()})
+    finally:
+        wandb_folder = tracker.folder
+        tracker.finish()
+    summary = _write_summary(paths.run / "summary.json", figures)
+    log(f"\ndone in {time.time() - started:.0f} s; run folder {paths.run}")
+    for stage, values in figures.items():
+        log(f"  {stage}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    log(f"  summary: {paths.run / 'summary.json'}")
+    if wandb_folder:
+        log(f"  W&B run ({config.wandb.mode}): {wandb_folder}")
+    return summary

@@ -1,0 +1,95 @@
+"""Stage 1, supervised fine-tuning: the causal LM learns the demonstrations' responses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+
+from actors.learner import ModelSpec
+from cluster.groups import split_evenly
+from trainers.common import evaluate, learner_group, optim_spec
+from trainers.config import RunConfig
+from trainers.data import (
+    Limits,
+    collate_sft,
+    encode_demonstrations,
+    read,
+    shuffled_batches,
+)
+from trainers.objectives import sft_eval, sft_objective
+from trainers.tracking import Tracker, progress
+
+
+@dataclass
+class SFTInputs:
+    model: str
+    tokenizer: Any
+    train: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+
+
+def prepare(config: RunConfig, model: str, train: str, heldout: str, tokenizer: Any,
+            log: Any = print) -> SFTInputs:
+    """Read and encode the demonstrations (every problem is found here, before Ray starts)."""
+    limits = Limits(config.data.max_prompt_tokens, config.data.max_seq_len, config.data.on_too_long)
+    enc = partial(encode_demonstrations, tokenizer=tokenizer, limits=limits, log=log)
+    inputs = SFTInputs(
+        model=model,
+        tokenizer=tokenizer,
+        train=enc(read(train, "demonstrations", "sft.train_data")),
+        heldout=enc(read(heldout, "demonstrations", "sft.heldout_data")),
+    )
+    if len(inputs.train) < config.sft.batch_size:
+        raise ValueError(
+            f"sft.batch_size ({config.sft.batch_size}) is larger than the {len(inputs.train)} "
+            f"usable demonstrations in {train}"
+        )
+    return inputs
+
+
+def heldout_loss(group: Any, inputs: SFTInputs, batch_size: int) -> float:
+    """Mean NLL per response token over the held-out demonstrations."""
+    pad = inputs.tokenizer.pad_token_id
+    rows = evaluate(group, sft_eval, inputs.heldout, partial(collate_sft, pad_id=pad, normalizer=1),
+                    batch_size)
+    nll = sum(float(r[0]) for r in rows)
+    tokens = sum(float(r[1]) for r in rows)
+    return nll / tokens
+
+
+def train(config: RunConfig, inputs: SFTInputs, out: Path, tracker: Tracker,
+          log: Any = print) -> dict[str, float]:
+    """Train on the learner group and save `out` (a Hugging Face folder); returns the figures."""
+    cfg = config.sft
+    pad = inputs.tokenizer.pad_token_id
+    steps_per_epoch = len(inputs.train) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    with learner_group(config, "sft-learner", cfg.batch_size) as group:
+        params = group.build(ModelSpec(inputs.model), optim_spec(cfg.optim, total))
+        log(f"sft: {params:,} parameters on {group.ranks} rank(s), ZeRO-{config.learner.zero_stage};"
+            f" {len(inputs.train)} demonstrations, {total} steps")
+        untrained = heldout_loss(group, inputs, cfg.batch_size)
+        tracker.log({"sft/heldout_loss": untrained, "sft/epoch": 0})
+        bar = progress(total, "sft")
+        metrics: dict[str, float] = {}
+        held = untrained
+        for epoch in range(cfg.epochs):
+            for idx in shuffled_batches(len(inputs.train), cfg.batch_size, config.seed, epoch):
+                batch = [inputs.train[i] for i in idx]
+                tokens = sum(sum(e["loss_mask"][1:]) for e in batch)
+                shards = [collate_sft(s, pad, tokens) for s in split_evenly(batch, group.ranks)]
+                metrics = group.train_step(sft_objective, shards)
+                tracker.log({f"sft/{k}": v for k, v in metrics.items()})
+                bar.update()
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", heldout=f"{held:.3f}")
+            held = heldout_loss(group, inputs, cfg.batch_size)
+            tracker.log({"sft/heldout_loss": held, "sft/epoch": epoch + 1})
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", heldout=f"{held:.3f}")
+        bar.close()
+        group.save(out)
+    log(f"sft: held-out loss {held:.4f} per token (untrained {untrained:.4f}); model in {out}")
+    return {"heldout_loss": held, "untrained_loss": untrained, "train_loss": metrics["loss"],
+            "steps": float(total)}
