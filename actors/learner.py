@@ -135,7 +135,11 @@ class Learner:
         e = self.engine_spec
         torch.manual_seed(e.seed)  # a new head (the RM's) starts the same on every rank
         dtype = torch.bfloat16 if e.dtype == "bfloat16" else torch.float32
-        common = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": spec.trust_remote_code}
+        common = {
+            "dtype": dtype,
+            "use_safetensors": True,
+            "trust_remote_code": spec.trust_remote_code,
+        }
         if spec.kind == "reward":
             model = AutoModelForSequenceClassification.from_pretrained(
                 spec.path, num_labels=1, **common

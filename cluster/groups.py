@@ -35,7 +35,7 @@ def _bundle(num_cpus: float, num_gpus: float, extra: dict[str, float] | None) ->
 
 
 class ActorGroup:
-    """N actors of `actor_cls`, rank i constructed as `actor_cls(rank=i, world_size=N, **kwargs)`."""
+    """N actors of `actor_cls`; rank i is `actor_cls(rank=i, world_size=N, **actor_kwargs)`."""
 
     def __init__(
         self,
@@ -102,7 +102,10 @@ class ActorGroup:
         if len(per_rank) != self.n:
             raise ValueError(f"{self.name}: {len(per_rank)} slices for {self.n} ranks")
         refs = [ray.put(part) for part in per_rank]
-        return [getattr(a, method).remote(ref, **kwargs) for a, ref in zip(self.actors, refs)]
+        return [
+            getattr(a, method).remote(ref, **kwargs)
+            for a, ref in zip(self.actors, refs, strict=True)
+        ]
 
     def get(self, refs: list[Any], method: str, timeout_s: float | None = None) -> list[Any]:
         """Results of `refs` (one per rank), or a RemoteCallError naming the rank that failed."""
@@ -158,5 +161,3 @@ def split_evenly(items: Sequence[Any], n: int) -> list[list[Any]]:
         out.append(list(items[start:end]))
         start = end
     return out
-
-

@@ -7,7 +7,6 @@ import os
 import sys
 
 
-
 def _known_errors() -> tuple[type[BaseException], ...]:
     from cluster.groups import PlacementError
     from trainers.common import ModelFolderError
@@ -15,22 +14,35 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from trainers.data import DataError
     from trainers.pipeline import StageConflict
 
-    return (ConfigError, DataError, ModelFolderError, PlacementError, StageConflict,
-            FileExistsError)
+    return (
+        ConfigError,
+        DataError,
+        ModelFolderError,
+        PlacementError,
+        StageConflict,
+        FileExistsError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="instructray",
-        description="The InstructGPT recipe (SFT, reward model, PPO) as a distributed trainer on Ray.",
+        description="The InstructGPT recipe (SFT, reward model, PPO) on Ray.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the stages that a config names")
     run.add_argument("config", help="the run's YAML config, e.g. configs/tiny.yaml")
-    run.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                     help="override config fields, e.g. sft.epochs=1 learner.ranks=1")
-    run.add_argument("--restart", action="store_true",
-                     help="train stages again even where they finished with other settings")
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="override config fields, e.g. sft.epochs=1 learner.ranks=1",
+    )
+    run.add_argument(
+        "--restart",
+        action="store_true",
+        help="train stages again even where they finished with other settings",
+    )
     check = sub.add_parser("check", help="validate a config and print it, starting nothing")
     check.add_argument("config")
     check.add_argument("overrides", nargs="*", metavar="key.sub=value")

@@ -154,7 +154,9 @@ class StageRecord:
         if not self.path.is_file():
             return []
         old = json.loads(self.path.read_text()).get("settings", {})
-        return sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+        return sorted(
+            k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k)
+        )
 
     def write(self, metrics: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ the file's contents before validation, so they are checked the same way.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,28 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 STAGES = ("sft", "rm")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string (it wants `1.0e-3`); read it as the number it is."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -41,7 +64,9 @@ class RayConfig(Section):
     @model_validator(mode="after")
     def _local_only(self) -> RayConfig:
         if self.address is not None and self.num_cpus is not None:
-            raise ValueError("ray.num_cpus sizes a local cluster; it cannot be set with ray.address")
+            raise ValueError(
+                "ray.num_cpus sizes a local cluster; it cannot be set with ray.address"
+            )
         return self
 
 
@@ -196,7 +221,7 @@ class RunConfig(Section):
     name: str
     """run name (default: the config file's name without .yaml)"""
     output_dir: str
-    """the run's folder (default: runs/<name>); one subfolder a stage"""
+    """the run's folder (default: runs/NAME); one subfolder a stage"""
     seed: int = 0
     """seed of training (shuffling, initialisation of new heads)"""
     stages: list[Literal["sft", "rm"]] = Field(default_factory=lambda: list(STAGES))
@@ -252,7 +277,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
+            out[key] = _yaml(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
     return out
@@ -307,7 +332,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

@@ -79,9 +79,13 @@ def validate(record: Any, kind: Kind, where: str) -> dict[str, Any]:
         if responses is None:
             raise DataError(f'{where}: missing field "responses" (a list, ranked best first)')
         if not isinstance(responses, list):
-            raise DataError(f'{where}: field "responses" must be a list of strings, ranked best first')
+            raise DataError(
+                f'{where}: field "responses" must be a list of strings, ranked best first'
+            )
         if len(responses) < 2:
-            raise DataError(f'{where}: "responses" needs at least 2 ranked responses, has {len(responses)}')
+            raise DataError(
+                f'{where}: "responses" needs at least 2 ranked responses, has {len(responses)}'
+            )
         for i, r in enumerate(responses):
             if not isinstance(r, str) or not r.strip():
                 raise DataError(f'{where}: "responses"[{i}] must be a non-empty string')
@@ -123,7 +127,7 @@ def check_tokenizer(tokenizer: Any, folder: str | Path) -> None:
         if not ok
     ]
     if missing:
-        raise DataError(f"{folder}: the tokenizer has no {' and no '.join(missing)}")
+        raise DataError(f"{folder}: the tokenizer lacks {' and '.join(missing)}")
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
@@ -178,7 +182,9 @@ def encode_demonstrations(
         if problem:
             too_long.append(f"{rec['where']}: {problem}")
             continue
-        out.append({"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r), "where": rec["where"]})
+        out.append(
+            {"input_ids": p + r, "loss_mask": [0] * len(p) + [1] * len(r), "where": rec["where"]}
+        )
     _enforce(too_long, len(dataset), limits, "demonstrations", log)
     return out
 

@@ -77,8 +77,9 @@ def _write_summary(path: Path, figures: dict[str, dict[str, Any]]) -> dict[str, 
     return dict(summary)
 
 
-def _stage(name: str, record: StageRecord, restart: bool, log: Any,
-           train: Callable[[], dict[str, float]]) -> dict[str, Any]:
+def _stage(
+    name: str, record: StageRecord, restart: bool, log: Any, train: Callable[[], dict[str, float]]
+) -> dict[str, Any]:
     """Run a stage unless it finished before with the same settings; record what it reached."""
     if not restart:
         done = record.finished()
@@ -113,39 +114,72 @@ def run(config: RunConfig, *, restart: bool = False, log: Any = print) -> dict[s
     inputs: dict[str, Any] = {}
     if "sft" in config.stages:
         tok = check_model_folder(paths.sft_model, "sft.model")
-        inputs["sft"] = sft.prepare(config, paths.sft_model, paths.sft_train, paths.sft_heldout,
-                                    tok, log)
+        inputs["sft"] = sft.prepare(
+            config, paths.sft_model, paths.sft_train, paths.sft_heldout, tok, log
+        )
     if "rm" in config.stages:
         # The RM starts from this run's SFT model, which may not exist yet: then its tokenizer
         # is the SFT stage's input tokenizer.
-        tok = (check_model_folder(paths.sft_model, "sft.model")
-               if config.rm.model is None and "sft" in config.stages
-               else check_model_folder(paths.rm_model, "rm.model", reward=True))
-        inputs["rm"] = rm.prepare(config, paths.rm_model, paths.rm_train, paths.rm_heldout,
-                                  paths.rm_normalize, tok, log)
+        tok = (
+            check_model_folder(paths.sft_model, "sft.model")
+            if config.rm.model is None and "sft" in config.stages
+            else check_model_folder(paths.rm_model, "rm.model", reward=True)
+        )
+        inputs["rm"] = rm.prepare(
+            config, paths.rm_model, paths.rm_train, paths.rm_heldout, paths.rm_normalize, tok, log
+        )
 
     # -- run ------------------------------------------------------------------------------------
-    tracker = Tracker(mode=config.wandb.mode, project=config.wandb.project,
-                      entity=config.wandb.entity, name=config.name, run_dir=paths.run,
-                      config=plain)
+    tracker = Tracker(
+        mode=config.wandb.mode,
+        project=config.wandb.project,
+        entity=config.wandb.entity,
+        name=config.name,
+        run_dir=paths.run,
+        config=plain,
+    )
     figures: dict[str, dict[str, Any]] = {}
     try:
-        with RayRuntime(config.ray.address, num_cpus=config.ray.num_cpus,
-                        include_dashboard=config.ray.include_dashboard):
+        with RayRuntime(
+            config.ray.address,
+            num_cpus=config.ray.num_cpus,
+            include_dashboard=config.ray.include_dashboard,
+        ):
             if "sft" in config.stages:
-                record = StageRecord(paths.sft_out.parent, {
-                    **shared, "sft": plain["sft"],
-                    "inputs": fingerprint(paths.sft_model, paths.sft_train, paths.sft_heldout)})
-                figures["sft"] = _stage("sft", record, restart, log, lambda: sft.train(
-                    config, inputs["sft"], paths.sft_out, tracker, log))
+                record = StageRecord(
+                    paths.sft_out.parent,
+                    {
+                        **shared,
+                        "sft": plain["sft"],
+                        "inputs": fingerprint(paths.sft_model, paths.sft_train, paths.sft_heldout),
+                    },
+                )
+                figures["sft"] = _stage(
+                    "sft",
+                    record,
+                    restart,
+                    log,
+                    lambda: sft.train(config, inputs["sft"], paths.sft_out, tracker, log),
+                )
             if "rm" in config.stages:
                 check_model_folder(paths.rm_model, "rm.model", reward=True)
-                record = StageRecord(paths.rm_out.parent, {
-                    **shared, "rm": plain["rm"],
-                    "inputs": fingerprint(paths.rm_model, paths.rm_train, paths.rm_heldout,
-                                          paths.rm_normalize)})
-                figures["rm"] = _stage("rm", record, restart, log, lambda: rm.train(
-                    config, inputs["rm"], paths.rm_out, tracker, labeler, log))
+                record = StageRecord(
+                    paths.rm_out.parent,
+                    {
+                        **shared,
+                        "rm": plain["rm"],
+                        "inputs": fingerprint(
+                            paths.rm_model, paths.rm_train, paths.rm_heldout, paths.rm_normalize
+                        ),
+                    },
+                )
+                figures["rm"] = _stage(
+                    "rm",
+                    record,
+                    restart,
+                    log,
+                    lambda: rm.train(config, inputs["rm"], paths.rm_out, tracker, labeler, log),
+                )
         tracker.summary({f"{s}/{k}": v for s, vals in figures.items() for k, v in vals.items()})
     finally:
         wandb_folder = tracker.folder

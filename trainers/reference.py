@@ -16,7 +16,7 @@ def _type(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "")
     for name in ("trainers.config.", "<class '", "'>"):
         text = text.replace(name, "")
-    return text
+    return text.replace("|", "\\|")  # a bare | would end the Markdown table's cell
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
@@ -38,7 +38,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
             rows.extend(_rows(sub, key + "."))
             continue
         if field.is_required():
-            default = "(required)"
+            default = "—"
         else:
             value = field.get_default(call_default_factory=True)
             instance_defaults[name] = value

@@ -46,8 +46,15 @@ class RMInputs:
     normalize: list[dict[str, Any]]
 
 
-def prepare(config: RunConfig, model: str, train: str, heldout: str, normalize: str,
-            tokenizer: Any, log: Any = print) -> RMInputs:
+def prepare(
+    config: RunConfig,
+    model: str,
+    train: str,
+    heldout: str,
+    normalize: str,
+    tokenizer: Any,
+    log: Any = print,
+) -> RMInputs:
     limits = Limits(config.data.max_prompt_tokens, config.data.max_seq_len, config.data.on_too_long)
     enc = partial(encode_comparisons, tokenizer=tokenizer, limits=limits, log=log)
     held_ds = read(heldout, "comparisons", "rm.heldout_data")
@@ -57,8 +64,9 @@ def prepare(config: RunConfig, model: str, train: str, heldout: str, normalize: 
         train=enc(read(train, "comparisons", "rm.train_data")),
         heldout=enc(held_ds),
         heldout_texts=[],
-        normalize=encode_demonstrations(read(normalize, "demonstrations", "rm.normalize_data"),
-                                        tokenizer, limits, log),
+        normalize=encode_demonstrations(
+            read(normalize, "demonstrations", "rm.normalize_data"), tokenizer, limits, log
+        ),
     )
     kept = {e["where"] for e in inputs.heldout}
     inputs.heldout_texts = [r for r in held_ds if r["where"] in kept]
@@ -82,8 +90,13 @@ def _as_matrix(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def heldout_accuracy(group: Any, inputs: RMInputs, batch_size: int) -> float:
     pad = inputs.tokenizer.pad_token_id
-    rows = evaluate(group, rm_eval, inputs.heldout,
-                    partial(collate_comparisons, pad_id=pad, normalizer=1), batch_size)
+    rows = evaluate(
+        group,
+        rm_eval,
+        inputs.heldout,
+        partial(collate_comparisons, pad_id=pad, normalizer=1),
+        batch_size,
+    )
     scores, valid = _as_matrix(rows)
     return pairwise_accuracy(scores, valid)[0]
 
@@ -91,21 +104,34 @@ def heldout_accuracy(group: Any, inputs: RMInputs, batch_size: int) -> float:
 def labeler_ceiling(inputs: RMInputs, labeler: Any) -> float:
     """How often the noiseless labeler agrees with the held-out labels (the best an RM can do
     against noisy labels), on the same pairs as the RM's accuracy."""
-    rows = [torch.tensor([labeler(r["prompt"], resp) for resp in r["responses"]])
-            for r in inputs.heldout_texts]
+    rows = [
+        torch.tensor([labeler(r["prompt"], resp) for resp in r["responses"]])
+        for r in inputs.heldout_texts
+    ]
     scores, valid = _as_matrix(rows)
     return pairwise_accuracy(scores, valid)[0]
 
 
 def demonstration_mean(group: Any, inputs: RMInputs, batch_size: int) -> float:
     pad = inputs.tokenizer.pad_token_id
-    rows = evaluate(group, rm_score, inputs.normalize,
-                    partial(collate_sft, pad_id=pad, normalizer=1), batch_size)
+    rows = evaluate(
+        group,
+        rm_score,
+        inputs.normalize,
+        partial(collate_sft, pad_id=pad, normalizer=1),
+        batch_size,
+    )
     return float(torch.stack(rows).mean())
 
 
-def train(config: RunConfig, inputs: RMInputs, out: Path, tracker: Tracker, labeler: Any = None,
-          log: Any = print) -> dict[str, float]:
+def train(
+    config: RunConfig,
+    inputs: RMInputs,
+    out: Path,
+    tracker: Tracker,
+    labeler: Any = None,
+    log: Any = print,
+) -> dict[str, float]:
     cfg = config.rm
     pad = inputs.tokenizer.pad_token_id
     steps_per_epoch = len(inputs.train) // cfg.batch_size
@@ -115,20 +141,25 @@ def train(config: RunConfig, inputs: RMInputs, out: Path, tracker: Tracker, labe
         results["labeler_ceiling"] = labeler_ceiling(inputs, labeler)
     with learner_group(config, "rm-learner", cfg.batch_size) as group:
         params = group.build(ModelSpec(inputs.model, kind="reward"), optim_spec(cfg.optim, total))
-        log(f"rm: {params:,} parameters on {group.ranks} rank(s); {len(inputs.train)} comparisons"
-            f" ({sum(len(e['sequences']) for e in inputs.train)} responses), {total} steps")
+        log(
+            f"rm: {params:,} parameters on {group.ranks} rank(s); {len(inputs.train)} comparisons"
+            f" ({sum(len(e['sequences']) for e in inputs.train)} responses), {total} steps"
+        )
         bar = progress(total, "rm")
         acc = math.nan
         metrics: dict[str, float] = {}
         for epoch in range(cfg.epochs):
             for idx in shuffled_batches(len(inputs.train), cfg.batch_size, config.seed, epoch):
                 batch = [inputs.train[i] for i in idx]
-                shards = [collate_comparisons(s, pad, len(batch))
-                          for s in split_evenly(batch, group.ranks)]
+                shards = [
+                    collate_comparisons(s, pad, len(batch))
+                    for s in split_evenly(batch, group.ranks)
+                ]
                 metrics = group.train_step(rm_objective, shards)
                 train_acc = metrics.pop("pairs_correct") / max(metrics.pop("pairs"), 1.0)
-                tracker.log({**{f"rm/{k}": v for k, v in metrics.items()},
-                             "rm/train_accuracy": train_acc})
+                tracker.log(
+                    {**{f"rm/{k}": v for k, v in metrics.items()}, "rm/train_accuracy": train_acc}
+                )
                 bar.update()
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", heldout_acc=f"{acc:.3f}")
             acc = heldout_accuracy(group, inputs, cfg.batch_size)
@@ -137,10 +168,13 @@ def train(config: RunConfig, inputs: RMInputs, out: Path, tracker: Tracker, labe
         bar.close()
         offset = demonstration_mean(group, inputs, cfg.batch_size)
         group.save(out, config_updates={"reward_offset": offset})
-    results.update(heldout_accuracy=acc, reward_offset=offset, train_loss=metrics["loss"],
-                   steps=float(total))
+    results.update(
+        heldout_accuracy=acc, reward_offset=offset, train_loss=metrics["loss"], steps=float(total)
+    )
     ceiling = results.get("labeler_ceiling")
-    log(f"rm: held-out pairwise accuracy {acc:.4f}"
+    log(
+        f"rm: held-out pairwise accuracy {acc:.4f}"
         + (f" (noiseless labeler's agreement with the labels: {ceiling:.4f})" if ceiling else "")
-        + f"; demonstrations' mean raw score {offset:+.4f} is its zero; model in {out}")
+        + f"; demonstrations' mean raw score {offset:+.4f} is its zero; model in {out}"
+    )
     return results

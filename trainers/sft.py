@@ -7,7 +7,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-
 from actors.learner import ModelSpec
 from cluster.groups import split_evenly
 from trainers.common import evaluate, learner_group, optim_spec
@@ -31,8 +30,9 @@ class SFTInputs:
     heldout: list[dict[str, Any]]
 
 
-def prepare(config: RunConfig, model: str, train: str, heldout: str, tokenizer: Any,
-            log: Any = print) -> SFTInputs:
+def prepare(
+    config: RunConfig, model: str, train: str, heldout: str, tokenizer: Any, log: Any = print
+) -> SFTInputs:
     """Read and encode the demonstrations (every problem is found here, before Ray starts)."""
     limits = Limits(config.data.max_prompt_tokens, config.data.max_seq_len, config.data.on_too_long)
     enc = partial(encode_demonstrations, tokenizer=tokenizer, limits=limits, log=log)
@@ -53,15 +53,17 @@ def prepare(config: RunConfig, model: str, train: str, heldout: str, tokenizer: 
 def heldout_loss(group: Any, inputs: SFTInputs, batch_size: int) -> float:
     """Mean NLL per response token over the held-out demonstrations."""
     pad = inputs.tokenizer.pad_token_id
-    rows = evaluate(group, sft_eval, inputs.heldout, partial(collate_sft, pad_id=pad, normalizer=1),
-                    batch_size)
+    rows = evaluate(
+        group, sft_eval, inputs.heldout, partial(collate_sft, pad_id=pad, normalizer=1), batch_size
+    )
     nll = sum(float(r[0]) for r in rows)
     tokens = sum(float(r[1]) for r in rows)
     return nll / tokens
 
 
-def train(config: RunConfig, inputs: SFTInputs, out: Path, tracker: Tracker,
-          log: Any = print) -> dict[str, float]:
+def train(
+    config: RunConfig, inputs: SFTInputs, out: Path, tracker: Tracker, log: Any = print
+) -> dict[str, float]:
     """Train on the learner group and save `out` (a Hugging Face folder); returns the figures."""
     cfg = config.sft
     pad = inputs.tokenizer.pad_token_id
@@ -69,8 +71,10 @@ def train(config: RunConfig, inputs: SFTInputs, out: Path, tracker: Tracker,
     total = steps_per_epoch * cfg.epochs
     with learner_group(config, "sft-learner", cfg.batch_size) as group:
         params = group.build(ModelSpec(inputs.model), optim_spec(cfg.optim, total))
-        log(f"sft: {params:,} parameters on {group.ranks} rank(s), ZeRO-{config.learner.zero_stage};"
-            f" {len(inputs.train)} demonstrations, {total} steps")
+        log(
+            f"sft: {params:,} parameters on {group.ranks} rank(s), "
+            f"ZeRO-{config.learner.zero_stage}; {len(inputs.train)} demonstrations, {total} steps"
+        )
         untrained = heldout_loss(group, inputs, cfg.batch_size)
         tracker.log({"sft/heldout_loss": untrained, "sft/epoch": 0})
         bar = progress(total, "sft")
@@ -91,5 +95,9 @@ def train(config: RunConfig, inputs: SFTInputs, out: Path, tracker: Tracker,
         bar.close()
         group.save(out)
     log(f"sft: held-out loss {held:.4f} per token (untrained {untrained:.4f}); model in {out}")
-    return {"heldout_loss": held, "untrained_loss": untrained, "train_loss": metrics["loss"],
-            "steps": float(total)}
+    return {
+        "heldout_loss": held,
+        "untrained_loss": untrained,
+        "train_loss": metrics["loss"],
+        "steps": float(total),
+    }

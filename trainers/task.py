@@ -353,7 +353,10 @@ def build_task(cfg: Any, folder: Path) -> dict[str, Any]:
     }
     prompts = {"train": train, "heldout": held}
     scores = {
-        split: [[labeler_score(p.prompt, r) for r in rs] for p, rs in zip(prompts[split], c)]
+        split: [
+            [labeler_score(p.prompt, r) for r in rs]
+            for p, rs in zip(prompts[split], c, strict=True)
+        ]
         for split, c in cands.items()
     }
     temperature = calibrate_temperature(scores["train"], cfg.labeler_agreement)

@@ -14,8 +14,16 @@ class Tracker:
     it later); "online" needs WANDB_API_KEY in the environment; "disabled" logs nothing.
     """
 
-    def __init__(self, *, mode: str, project: str, entity: str | None, name: str,
-                 run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        *,
+        mode: str,
+        project: str,
+        entity: str | None,
+        name: str,
+        run_dir: Path,
+        config: dict[str, Any],
+    ) -> None:
         self.mode = mode
         self.run: Any = None
         self._step = 0
@@ -65,5 +73,6 @@ def progress(total: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True,
-                mininterval=0.1 if tty else 15.0)
+    return tqdm(
+        total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.1 if tty else 15.0
+    )

@@ -1,0 +1,53 @@
+"""Shared fixtures: one small built-in task and one local Ray cluster per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Nothing is downloaded, and caches stay inside the project (the Makefile sets the same).
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "WANDB_SILENT": "true",
+    "XDG_CACHE_HOME": str(ROOT / ".cache"),
+    "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
+    "WANDB_CACHE_DIR": str(ROOT / ".cache" / "wandb"),
+    "WANDB_CONFIG_DIR": str(ROOT / ".cache" / "wandb-config"),
+}.items():
+    os.environ.setdefault(key, value)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def small_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small built-in task (the same generator as the demo, fewer prompts)."""
+    from trainers.config import TaskConfig
+    from trainers.task import build_task
+
+    folder = tmp_path_factory.mktemp("task")
+    build_task(TaskConfig(train_prompts=256, heldout_prompts=64), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the session (2 CPUs, as on the CI machine); stopped at the end,
+    with every process it started."""
+    from cluster import RayRuntime
+
+    with RayRuntime(None, num_cpus=2) as runtime:
+        yield runtime

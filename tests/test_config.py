@@ -1,0 +1,91 @@
+"""The run config: typed, validated, errors that name the field and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from trainers.config import ConfigError, load_config, parse_overrides
+
+pytestmark = pytest.mark.unit
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_demo_config_loads_with_its_defaults() -> None:
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    assert config.name == "tiny"
+    assert config.output_dir == "runs/tiny"
+    assert config.stages == ["sft", "rm"]
+    assert config.learner.ranks == 2
+
+
+def test_unknown_field_names_the_field_and_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "sft:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+    assert "sft.epoch: unknown field" in str(e.value)
+    assert "did you mean 'epochs'" in str(e.value)
+
+
+def test_wrong_type_is_not_coerced(tmp_path: Path) -> None:
+    path = _write(tmp_path, "learner:\n  ranks: '2'\n")
+    with pytest.raises(ConfigError, match=r"learner\.ranks"):
+        load_config(path)
+
+
+def test_negative_count_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sft\.epochs"):
+        load_config(_write(tmp_path, "sft: {epochs: -1}\n"))
+
+
+def test_inconsistent_batch_and_ranks_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sft\.batch_size \(33\) must be a multiple"):
+        load_config(_write(tmp_path, "sft: {batch_size: 33}\n"))
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path: Path) -> None:
+    assert parse_overrides(["sft.optim.lr=2e-3", "stages=[sft]", "task=null"]) == {
+        "sft.optim.lr": 2e-3,
+        "stages": ["sft"],
+        "task": None,
+    }
+    config = load_config(
+        _write(tmp_path, "seed: 1\n"), ["sft.epochs=1", "learner.ranks=1", "output_dir=/tmp/x"]
+    )
+    assert (config.sft.epochs, config.learner.ranks, config.output_dir) == (1, 1, "/tmp/x")
+    with pytest.raises(ConfigError, match=r"the command line: learner\.zero_stage"):
+        load_config(_write(tmp_path, "seed: 1\n"), ["learner.zero_stage=1"])
+    with pytest.raises(ConfigError, match=r"expected key\.sub=value"):
+        parse_overrides(["sft.epochs"])
+
+
+def test_bring_your_own_data_needs_every_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sft\.model must be set when task is null"):
+        load_config(_write(tmp_path, "task: null\n"))
+
+
+def test_head_dimension_below_vllm_cpu_minimum_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="head dimension"):
+        load_config(_write(tmp_path, "task:\n  model: {hidden_size: 64, num_attention_heads: 4}\n"))
+
+
+def test_missing_or_broken_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "sft: [\n"))
+
+
+def test_readme_config_reference_is_current() -> None:
+    from trainers.reference import config_reference
+
+    readme = (ROOT / "README.md").read_text()
+    assert config_reference() in readme, "run `instructray config-reference` into the README"

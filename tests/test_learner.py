@@ -1,0 +1,101 @@
+"""The learner group on a real local Ray cluster with real DeepSpeed ranks over gloo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.learner import EngineSpec, LearnerGroup, ModelSpec, OptimSpec
+from cluster import PlacementError
+from cluster.groups import split_evenly
+from trainers.data import Limits, collate_sft, encode_demonstrations, read
+from trainers.objectives import sft_objective
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def fixed_batch(small_task: Path) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_task / "base_model")
+    demos = read(small_task / "sft_train.jsonl", "demonstrations")
+    return encode_demonstrations(demos.select(range(8)), tok, Limits(32, 96))
+
+
+def _train(
+    small_task: Path,
+    batch: list[dict],
+    *,
+    ranks: int,
+    zero_stage: int,
+    steps: int,
+    save_to: Path | None = None,
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    engine = EngineSpec(
+        zero_stage=zero_stage,
+        backend="gloo",
+        seed=0,
+        collective_timeout_s=120,
+        micro_batch=len(batch) // ranks,
+    )
+    with LearnerGroup(
+        name=f"test-{ranks}",
+        ranks=ranks,
+        engine=engine,
+        cpus_per_rank=1,
+        placement_timeout_s=60,
+        call_timeout_s=120,
+    ) as group:
+        group.build(
+            ModelSpec(str(small_task / "base_model")),
+            OptimSpec(lr=1e-2, total_steps=steps, grad_clip=1.0),
+        )
+        tokens = sum(sum(e["loss_mask"][1:]) for e in batch)
+        losses = []
+        for _ in range(steps):
+            shards = [collate_sft(s, 0, tokens) for s in split_evenly(batch, ranks)]
+            losses.append(group.train_step(sft_objective, shards)["loss"])
+        state = group.state_dict()
+        if save_to is not None:
+            group.save(save_to)
+    return losses, state
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_ranks_take_the_same_steps_as_one(
+    ray_cluster, small_task: Path, fixed_batch, zero_stage: int, tmp_path: Path
+) -> None:
+    one_losses, one_state = _train(small_task, fixed_batch, ranks=1, zero_stage=zero_stage, steps=3)
+    saved = tmp_path / "model"
+    two_losses, two_state = _train(
+        small_task, fixed_batch, ranks=2, zero_stage=zero_stage, steps=3, save_to=saved
+    )
+    assert two_losses == pytest.approx(one_losses, rel=1e-5)
+    assert one_losses[-1] < one_losses[0]  # it trains
+    assert one_state.keys() == two_state.keys()
+    for name, tensor in one_state.items():
+        torch.testing.assert_close(two_state[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+    # the saved folder is a Hugging Face model that anyone can load, with its tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(saved, use_safetensors=True)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, two_state[name], msg=name)
+    assert AutoTokenizer.from_pretrained(saved).chat_template
+    assert json.loads((saved / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not (tmp_path / "model.tmp").exists()
+
+
+def test_a_group_larger_than_the_cluster_fails_fast_and_says_why(ray_cluster) -> None:
+    with pytest.raises(PlacementError) as e:
+        LearnerGroup(
+            name="too-big", ranks=3, engine=EngineSpec(), cpus_per_rank=1.0, placement_timeout_s=5
+        )
+    message = str(e.value)
+    assert "too-big: needs 3 × {'CPU': 1.0}" in message
+    assert "the whole cluster has {CPU: 2}" in message

@@ -1,0 +1,143 @@
+"""End to end: the demo's config through SFT and the RM on real Ray + DeepSpeed actors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from trainers.config import load_config
+from trainers.pipeline import StageConflict, run
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("tiny")
+    config = load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={out}"])
+    return out, run(config)
+
+
+@pytest.mark.e2e
+def test_sft_learns_the_demonstrations(demo_run) -> None:
+    out, summary = demo_run
+    assert summary["sft"]["heldout_loss"] < 0.5 * summary["sft"]["untrained_loss"]
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+@pytest.mark.e2e
+def test_rm_comes_within_five_points_of_the_labeler_ceiling(demo_run) -> None:
+    _, summary = demo_run
+    rm = summary["rm"]
+    assert 0.68 < rm["labeler_ceiling"] < 0.78
+    assert rm["heldout_accuracy"] >= rm["labeler_ceiling"] - 0.05
+
+
+@pytest.mark.e2e
+def test_rm_is_a_loadable_classifier_that_puts_demonstrations_at_zero(demo_run) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from trainers.data import Limits, collate_sft, encode_demonstrations, read
+
+    out, _ = demo_run
+    folder = out / "rm" / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(folder)
+    demos = encode_demonstrations(
+        read(out / "task" / "sft_train.jsonl", "demonstrations"), tok, Limits(32, 96)
+    )
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(demos), 250):
+            batch = collate_sft(demos[i : i + 250], tok.pad_token_id, 1)
+            scores.append(
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+                    :, 0
+                ]
+            )
+    normalized = torch.cat(scores) - model.config.reward_offset
+    assert abs(normalized.mean().item()) < 1e-3
+
+
+@pytest.mark.e2e
+def test_stage_folders_and_wandb_run(demo_run) -> None:
+    out, _ = demo_run
+    for stage in ("sft", "rm"):
+        assert (out / stage / "model" / "model.safetensors").is_file()
+        assert (out / stage / "model" / "tokenizer.json").is_file()
+        assert (out / stage / "stage.json").is_file()
+    assert (out / "task" / "base_model" / "config.json").is_file()
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.mark.e2e
+def test_a_finished_stage_is_reused_and_never_overwritten_silently(demo_run) -> None:
+    out, summary = demo_run
+    weights = (out / "sft" / "model" / "model.safetensors").read_bytes()
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml", [f"output_dir={out}", "wandb.mode=disabled"]
+    )
+    said: list[str] = []
+    assert run(config, log=said.append) == summary
+    assert any("sft: finished before with the same settings" in s for s in said)
+    changed = load_config(
+        ROOT / "configs" / "tiny.yaml", [f"output_dir={out}", "wandb.mode=disabled", "sft.epochs=1"]
+    )
+    with pytest.raises(StageConflict, match=r"sft stage run with other settings \(sft differ"):
+        run(changed)
+    assert (out / "sft" / "model" / "model.safetensors").read_bytes() == weights
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trainers.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.unit
+def test_cli_refuses_an_unknown_field_naming_it() -> None:
+    result = _cli("run", "configs/tiny.yaml", "sft.epoch=2")
+    assert result.returncode == 2
+    assert "the command line: sft.epoch: unknown field (did you mean 'epochs'?)" in result.stderr
+
+
+@pytest.mark.integration
+def test_cli_refuses_a_missing_model_folder_before_starting_ray(tmp_path: Path) -> None:
+    result = _cli(
+        "run",
+        "configs/tiny.yaml",
+        f"output_dir={tmp_path}",
+        "sft.model=/no/such/model",
+        "task.train_prompts=64",
+        "task.heldout_prompts=16",
+        "wandb.mode=disabled",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "sft.model: /no/such/model: model folder does not exist" in result.stderr
+    assert "Ray" not in result.stderr  # nothing was started
+    assert (tmp_path / "task" / "task.json").is_file()  # what was written stays
+
+
+@pytest.mark.integration
+def test_cli_refuses_a_malformed_data_line(tmp_path: Path) -> None:
+    bad = tmp_path / "demos.jsonl"
+    bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p" "response": "r"}\n')
+    result = _cli(
+        "run",
+        "configs/tiny.yaml",
+        f"output_dir={tmp_path / 'run'}",
+        f"sft.train_data={bad}",
+        "task.train_prompts=64",
+        "task.heldout_prompts=16",
+        "wandb.mode=disabled",
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"{bad}:2: not valid JSON" in result.stderr
