@@ -230,6 +230,14 @@ class Learner:
                 return None
             return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
 
+    def publish_weights(self) -> Any:
+        """Put the full weights in the object store; rank 0 returns the ref, the others None.
+        Collective. The engines fetch the weights from the store, not through the driver."""
+        import ray
+
+        state = self.state_dict()
+        return None if state is None else ray.put(state)
+
     def save(self, path: str, config_updates: dict[str, Any] | None = None) -> None:
         """Write a Hugging Face folder (safetensors + tokenizer) at `path`. Collective.
 
@@ -321,6 +329,10 @@ class LearnerGroup:
 
     def state_dict(self) -> dict[str, Any]:
         return self.group.call("state_dict")[0]
+
+    def publish_weights(self) -> Any:
+        """An object ref to the full weights (a Hugging Face state dict)."""
+        return next(ref for ref in self.group.call("publish_weights") if ref is not None)
 
     def save(self, path: str | Path, config_updates: dict[str, Any] | None = None) -> None:
         self.group.call("save", str(path), config_updates)

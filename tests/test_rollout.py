@@ -1,0 +1,129 @@
+"""The rollout engine (real vLLM CPU engine in a Ray actor), the frozen scorers and weight sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from actors.learner import EngineSpec, LearnerGroup, ModelSpec, OptimSpec
+from actors.rollout import EngineConfig, RolloutEngine, Sampling
+from actors.scorers import ReferencePolicy, RewardModel
+from cluster import ActorGroup
+from cluster.groups import split_evenly
+from trainers.data import Limits, collate_sft, encode_demonstrations, encode_prompt, read
+from trainers.objectives import sft_objective
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prompts(small_task: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_task / "base_model")
+    rows = read(small_task / "prompts_heldout.jsonl", "prompts")
+    return [encode_prompt(tok, r["prompt"]) for r in rows.select(range(6))]
+
+
+@pytest.fixture(scope="module")
+def engine(ray_cluster, small_task: Path):
+    group = ActorGroup(
+        RolloutEngine,
+        1,
+        name="rollout",
+        num_cpus=0.5,
+        strategy="SPREAD",
+        actor_kwargs={"config": EngineConfig(model=str(small_task / "base_model"))},
+    )
+    yield group
+    group.shutdown()
+
+
+def test_engine_samples_with_logprobs_that_the_reference_agrees_with(engine, small_task, prompts):
+    [samples] = engine.call("generate", prompts, Sampling(max_new_tokens=12, seed=1))
+    assert len(samples) == len(prompts)
+    assert all(s["prompt_ids"] == p for s, p in zip(samples, prompts, strict=True))
+    assert all(1 <= len(s["response_ids"]) <= 12 for s in samples)
+    assert all(len(s["logprobs"]) == len(s["response_ids"]) for s in samples)
+    assert {s["version"] for s in samples} == {0}
+    with ActorGroup(
+        ReferencePolicy,
+        1,
+        name="reference",
+        num_cpus=0.25,
+        actor_kwargs={"path": str(small_task / "base_model")},
+    ) as reference:
+        # the samples travel as one object ref, never through this process again
+        [ref_lp] = reference.call("logprobs", ray.put(samples))
+    for s, lp in zip(samples, ref_lp, strict=True):
+        assert lp == pytest.approx(s["logprobs"], abs=1e-4)  # same weights, same tokens
+
+
+def test_packed_batches_score_like_single_sequences(small_task: Path) -> None:
+    """Left-padded prompts with their position ids give each row what it gets alone."""
+    reference = ReferencePolicy(0, 1, str(small_task / "base_model"), batch_size=8)
+    samples = [
+        {"prompt_ids": [3, 4, 5, 6], "response_ids": [7, 8, 2]},
+        {"prompt_ids": [9, 10], "response_ids": [11, 2]},
+    ]
+    together = reference.logprobs(samples)
+    alone = [reference.logprobs([s])[0] for s in samples]
+    for a, b in zip(together, alone, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_weights_sent_from_the_learner_are_the_engines_weights(engine, small_task, prompts):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainers.losses import token_logprobs
+
+    tok = AutoTokenizer.from_pretrained(small_task / "base_model")
+    demos = encode_demonstrations(
+        read(small_task / "sft_train.jsonl", "demonstrations").select(range(8)), tok, Limits(32, 96)
+    )
+    spec = EngineSpec(zero_stage=2, backend="gloo", micro_batch=4, collective_timeout_s=120)
+    with LearnerGroup(name="policy", ranks=2, engine=spec, cpus_per_rank=0.5) as policy:
+        policy.build(ModelSpec(str(small_task / "base_model")), OptimSpec(lr=5e-2, total_steps=3))
+        tokens = sum(sum(e["loss_mask"][1:]) for e in demos)
+        for _ in range(3):  # move the weights well away from the engine's
+            policy.train_step(
+                sft_objective, [collate_sft(s, 0, tokens) for s in split_evenly(demos, 2)]
+            )
+        state_ref = policy.publish_weights()
+        state = ray.get(state_ref)
+    sequences = [d["input_ids"] for d in demos[:3]]
+    [before] = engine.call("sequence_logprobs", sequences)
+    assert engine.call("load_weights", state_ref, 1) == [1]
+    [after] = engine.call("sequence_logprobs", sequences)
+    model = AutoModelForCausalLM.from_pretrained(small_task / "base_model")
+    model.load_state_dict(state)
+    with torch.no_grad():
+        for seq, b, a in zip(sequences, before, after, strict=True):
+            expect = token_logprobs(model(torch.tensor([seq])).logits, torch.tensor([seq]))[0]
+            assert a == pytest.approx(expect.tolist(), abs=1e-4)
+            assert max(abs(x - y) for x, y in zip(b, expect.tolist(), strict=True)) > 1e-2
+    [samples] = engine.call("generate", prompts[:2], Sampling(max_new_tokens=4))
+    assert {s["version"] for s in samples} == {1}
+
+
+def test_reward_model_scores_minus_its_offset(small_task: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(small_task / "base_model", num_labels=1)
+    rm.config.reward_offset = 0.5
+    rm.save_pretrained(tmp_path / "rm")
+    reward = RewardModel(0, 1, str(tmp_path / "rm"), batch_size=8)
+    samples = [
+        {"prompt_ids": [3, 4, 5, 6], "response_ids": [7, 8, 2]},
+        {"prompt_ids": [9, 10], "response_ids": [11, 2]},
+    ]
+    with torch.no_grad():
+        alone = [
+            rm(torch.tensor([s["prompt_ids"] + s["response_ids"]])).logits[0, 0].item() - 0.5
+            for s in samples
+        ]
+    assert reward.score(samples) == pytest.approx(alone, abs=1e-5)
