@@ -209,6 +209,34 @@ class Learner:
             out = fn(self.engine, self._to_device(batch))
         return _to_cpu(out)
 
+    def train_on(
+        self,
+        sources: list[Any],
+        plan: list[Any],
+        objective: Objective,
+        make_batch: Callable[[list[Any], Any, int, int], dict[str, Any]],
+    ) -> list[dict[str, float]]:
+        """Several steps in one call. `sources` are object refs that this rank fetches itself
+        (the data never passes through the driver); for each entry of `plan`,
+        `make_batch(data, entry, rank, world_size)` cuts this rank's batch and the step runs."""
+        import ray
+
+        data = ray.get(sources)
+        return [
+            self.train_step(make_batch(data, entry, self.rank, self.world_size), objective)
+            for entry in plan
+        ]
+
+    def forward_slice(self, items: list[Any], fn: Callable[[Any, list[Any]], Any]) -> Any:
+        """`fn(model, my_share)` without gradients over this rank's share of `items` (every
+        rank takes part: ZeRO-3's forward pass is collective)."""
+        import torch
+
+        share = split_evenly(items, self.world_size)[self.rank]
+        self.engine.eval()
+        with torch.no_grad():
+            return _to_cpu(fn(self.engine, share))
+
     # -- weights -----------------------------------------------------------------------------
 
     def _gathered(self) -> Any:
@@ -318,17 +346,43 @@ class LearnerGroup:
         """One step over the global batch given as one slice per rank; metrics summed over
         ranks (they are shares), rank 0's extras (lr, grad_norm) as they are."""
         per_rank = self.group.call_each("train_step", shards, objective=objective)
-        total: dict[str, float] = {}
-        for metrics in per_rank:
-            for key, value in metrics.items():
-                total[key] = total.get(key, 0.0) + value
-        return total
+        return self.sum_shares([[m] for m in per_rank])[0]
 
     def forward(self, fn: Callable[[Any, dict[str, Any]], Any], shards: list[Any]) -> list[Any]:
         return self.group.call_each("forward", shards, fn=fn)
 
     def state_dict(self) -> dict[str, Any]:
         return self.group.call("state_dict")[0]
+
+    def submit_forward_slice(
+        self, items_ref: Any, fn: Callable[[Any, list[Any]], Any]
+    ) -> list[Any]:
+        """Start `fn` on every rank's share of the items behind `items_ref`; the refs of the
+        per-rank results, in rank order."""
+        return self.group.submit("forward_slice", items_ref, fn=fn)
+
+    def submit_train_on(
+        self,
+        sources: list[Any],
+        plan: list[Any],
+        objective: Objective,
+        make_batch: Callable[..., dict[str, Any]],
+    ) -> list[Any]:
+        return self.group.submit(
+            "train_on", sources, plan, objective=objective, make_batch=make_batch
+        )
+
+    @staticmethod
+    def sum_shares(per_rank: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+        """Per step, the metrics of all ranks added (they are shares of the global value)."""
+        steps: list[dict[str, float]] = []
+        for step_metrics in zip(*per_rank, strict=True):
+            total: dict[str, float] = {}
+            for metrics in step_metrics:
+                for key, value in metrics.items():
+                    total[key] = total.get(key, 0.0) + value
+            steps.append(total)
+        return steps
 
     def publish_weights(self) -> Any:
         """An object ref to the full weights (a Hugging Face state dict)."""

@@ -33,7 +33,6 @@ class Sampling:
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int | None = None
 
 
 class RolloutEngine:
@@ -42,6 +41,7 @@ class RolloutEngine:
     def __init__(self, rank: int, world_size: int, config: EngineConfig) -> None:
         # Settings that vLLM reads at import or engine start, before importing it.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per weight reload
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gb))
         os.environ["OMP_NUM_THREADS"] = str(config.torch_threads)
         import torch
@@ -65,19 +65,29 @@ class RolloutEngine:
             **kwargs,
         )
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[dict[str, Any]]:
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None
+    ) -> list[dict[str, Any]]:
         """One response per prompt (token ids): [{prompt_ids, response_ids, logprobs,
-        finished, version}], in the prompts' order."""
+        finished, version}], in the prompts' order.
+
+        `seeds`, one per prompt, makes each response reproducible on its own (an evaluation
+        samples two policies with the same seeds); without them the engine's own random stream
+        is used.
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            logprobs=0,  # the sampled token's own log-prob
-            seed=sampling.seed,
-        )
+        params = [
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                logprobs=0,  # the sampled token's own log-prob
+                seed=None if seeds is None else seeds[i],
+            )
+            for i in range(len(prompts))
+        ]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES = ("sft", "rm")
+STAGES = ("sft", "rm", "ppo")
 
 
 class _Loader(yaml.SafeLoader):
@@ -207,6 +207,107 @@ class RMConfig(Section):
     """optimizer and schedule"""
 
 
+class RolloutConfig(Section):
+    engines: int = Field(default=1, ge=1)
+    """vLLM engines (Ray actors, spread over nodes); prompts are dealt to them in chunks"""
+    cpus_per_engine: float = Field(default=1.0, gt=0)
+    """Ray CPUs reserved for each engine"""
+    gpus_per_engine: float = Field(default=0.0, ge=0)
+    """Ray GPUs for each engine (0: vLLM's CPU engine)"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """engine precision; float32 keeps its log-probs equal to the learner's"""
+    kv_cache_gb: int = Field(default=1, ge=1)
+    """CPU engine: KV cache size in GiB"""
+    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
+    """GPU engine: share of the GPU's memory it may take"""
+    chunk_size: int = Field(default=16, ge=1)
+    """prompts per generation request; each finished chunk goes on to reward, reference and
+    critic at once, while the engines still generate the rest"""
+
+
+class ScorerConfig(Section):
+    cpus: float = Field(default=0.25, gt=0)
+    """Ray CPUs reserved for the actor"""
+    gpus: float = Field(default=0.0, ge=0)
+    """Ray GPUs for the actor"""
+    batch_size: int = Field(default=64, ge=1)
+    """sequences per forward pass"""
+
+
+class KLConfig(Section):
+    beta: float = Field(default=0.05, ge=0)
+    """β: weight of the per-token KL penalty to the SFT policy (the initial β when adaptive)"""
+    adaptive: bool = False
+    """move β toward the value that keeps the KL at `target` (Ziegler et al. 2019)"""
+    target: float = Field(default=4.0, gt=0)
+    """target KL per sequence (nats) of the adaptive controller"""
+    horizon: int = Field(default=10000, ge=1)
+    """samples over which the adaptive controller closes a 20% error"""
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """per-token KL estimator in the reward (k1: log π − log π_ref)"""
+
+
+class PPOConfig(Section):
+    policy: str | None = None
+    """folder of the policy to start from; null: this run's SFT model"""
+    reward_model: str | None = None
+    """folder of the reward model; null: this run's RM"""
+    critic_model: str | None = None
+    """folder the critic starts from (a sequence classifier); null: the reward model, as
+    InstructGPT initialised its value function from the RM"""
+    prompts: str | None = None
+    """training prompts (JSONL or Parquet with "prompt"); null: the task's"""
+    heldout_prompts: str | None = None
+    """prompts of the final evaluation; null: the task's held-out prompts"""
+    ptx_data: str | None = None
+    """demonstrations for the pretraining-mix term; null: the SFT stage's train data"""
+    heldout_demonstrations: str | None = None
+    """demonstrations whose loss measures the alignment tax; null: the SFT stage's held-out"""
+    iterations: int = Field(default=30, ge=1)
+    """rollout-then-train iterations"""
+    rollout_batch: int = Field(default=64, ge=1)
+    """prompts sampled per iteration (one response each)"""
+    max_new_tokens: int = Field(default=48, ge=1)
+    """longest response"""
+    temperature: float = Field(default=1.0, gt=0)
+    """sampling temperature (the policy's log-probs use the same)"""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """nucleus sampling"""
+    epochs: int = Field(default=1, ge=1)
+    """PPO epochs over each iteration's experience"""
+    minibatch_size: int = Field(default=16, ge=1)
+    """samples per optimizer step, over all ranks"""
+    clip: float = Field(default=0.2, gt=0)
+    """PPO's ratio clip ε"""
+    value_clip: float | None = Field(default=0.2, gt=0)
+    """clip of the value update around the old values; null: no clipping"""
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    """discount of GAE"""
+    lam: float = Field(default=0.95, ge=0, le=1)
+    """λ of GAE"""
+    kl: KLConfig = Field(default_factory=KLConfig)
+    """the KL penalty to the SFT policy"""
+    whiten_advantages: bool = True
+    """normalise advantages over the iteration's tokens to mean 0 and std 1"""
+    reward_clip: float | None = Field(default=5.0, gt=0)
+    """clip RM scores to ±this; null: no clipping"""
+    ptx_coef: float = Field(default=0.0, ge=0)
+    """γ of PPO-ptx: weight of the LM loss on demonstrations mixed into each policy step
+    (0 is plain PPO)"""
+    ptx_batch_size: int = Field(default=8, ge=1)
+    """demonstrations per policy step for the ptx term"""
+    entropy_coef: float = Field(default=0.0, ge=0)
+    """weight of an entropy bonus in the policy loss"""
+    policy_optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0))
+    """the policy's optimizer"""
+    critic_optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=0))
+    """the critic's optimizer"""
+    critic: LearnerConfig = Field(default_factory=lambda: LearnerConfig(ranks=1))
+    """the critic's DeepSpeed group"""
+    sample_table_every: int = Field(default=5, ge=1)
+    """log a W&B table of sample prompts and responses every this many iterations"""
+
+
 class WandbConfig(Section):
     mode: Literal["offline", "online", "disabled"] = "offline"
     """offline writes the run under the run folder (upload later with `wandb sync`); online needs
@@ -224,7 +325,7 @@ class RunConfig(Section):
     """the run's folder (default: runs/NAME); one subfolder a stage"""
     seed: int = 0
     """seed of training (shuffling, initialisation of new heads)"""
-    stages: list[Literal["sft", "rm"]] = Field(default_factory=lambda: list(STAGES))
+    stages: list[Literal["sft", "rm", "ppo"]] = Field(default_factory=lambda: list(STAGES))
     """stages to run, in recipe order"""
     task: TaskConfig | None = Field(default_factory=TaskConfig)
     """the built-in task; null when every stage names its own model and data"""
@@ -238,6 +339,14 @@ class RunConfig(Section):
     """stage 1: supervised fine-tuning on demonstrations"""
     rm: RMConfig = Field(default_factory=RMConfig)
     """stage 2: reward model on ranked comparisons"""
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    """stage 3: PPO (and PPO-ptx) against the reward model"""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """the vLLM rollout engines"""
+    reward: ScorerConfig = Field(default_factory=ScorerConfig)
+    """the reward-model actor"""
+    reference: ScorerConfig = Field(default_factory=ScorerConfig)
+    """the reference (frozen SFT) policy actor"""
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     """Weights & Biases logging"""
 
@@ -253,10 +362,24 @@ class RunConfig(Section):
                     f"{stage}.batch_size ({batch}) must be a multiple of learner.ranks "
                     f"({self.learner.ranks}) so that every rank gets the same share"
                 )
+        for name, batch, ranks in (
+            ("ppo.minibatch_size", self.ppo.minibatch_size, self.learner.ranks),
+            ("ppo.minibatch_size", self.ppo.minibatch_size, self.ppo.critic.ranks),
+        ):
+            if batch % ranks:
+                raise ValueError(f"{name} ({batch}) must be a multiple of the ranks ({ranks})")
+        if self.ppo.rollout_batch % self.ppo.minibatch_size:
+            raise ValueError(
+                f"ppo.rollout_batch ({self.ppo.rollout_batch}) must be a multiple of "
+                f"ppo.minibatch_size ({self.ppo.minibatch_size})"
+            )
+        if self.rollout.chunk_size < self.ppo.critic.ranks:
+            raise ValueError("rollout.chunk_size must be at least ppo.critic.ranks")
         if self.task is None:
             needs = {
                 "sft": ["model", "train_data", "heldout_data"],
                 "rm": ["train_data", "heldout_data"],
+                "ppo": ["prompts", "heldout_prompts"],
             }
             for stage in self.stages:
                 for name in needs[stage]:

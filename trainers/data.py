@@ -189,6 +189,21 @@ def encode_demonstrations(
     return out
 
 
+def encode_prompts(
+    dataset: Any, tokenizer: Any, limits: Limits, log: Any = print
+) -> list[dict[str, Any]]:
+    """[{"prompt_ids", "text", "where"}]: the prompt as a user turn plus the assistant header."""
+    out, too_long = [], []
+    for rec in dataset:
+        ids = encode_prompt(tokenizer, rec["prompt"])
+        if len(ids) > limits.max_prompt_tokens:
+            too_long.append(f"{rec['where']}: prompt has {len(ids)} tokens")
+            continue
+        out.append({"prompt_ids": ids, "text": rec["prompt"], "where": rec["where"]})
+    _enforce(too_long, len(dataset), limits, "prompts", log)
+    return out
+
+
 def encode_comparisons(
     dataset: Any, tokenizer: Any, limits: Limits, log: Any = print
 ) -> list[dict[str, Any]]:

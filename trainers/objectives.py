@@ -11,7 +11,11 @@ from typing import Any
 
 import torch
 
-from trainers.losses import pairwise_accuracy, ranking_loss, sft_loss, token_logprobs
+from actors.batching import pack, response_logprobs, unpack_rows
+from cluster.groups import split_evenly
+from trainers.data import collate_sft
+from trainers.losses import masked_sum, pairwise_accuracy, ranking_loss, sft_loss, token_logprobs
+from trainers.ppo_math import entropy_from_logits, policy_loss, value_loss
 
 
 def sft_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -52,3 +56,140 @@ def rm_score(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """(B,): the reward of each sequence."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return out.logits[:, 0].float()
+
+
+# -- PPO -----------------------------------------------------------------------------------------
+#
+# The experience of an iteration lives in the object store as chunks (lists of sample dicts, see
+# trainers.experience). Each learner rank fetches them, and for each optimizer step cuts its share
+# of the minibatch with a `*_batch` function below, then runs a `*_objective` on it.
+
+
+def _device_batch(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    device = model.device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _padded(rows: list[dict[str, Any]], key: str, width: int) -> torch.Tensor:
+    """(B, width) float tensor of each row's per-token list `key`, zero-padded."""
+    return torch.tensor(
+        [list(r[key]) + [0.0] * (width - len(r[key])) for r in rows], dtype=torch.float32
+    )
+
+
+def critic_values(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """(B, A) values of a packed batch: the critic (a sequence classifier's body and score head)
+    read at every position; the value of response token t is at the state before it."""
+    module = getattr(model, "module", model)
+    hidden = module.model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).last_hidden_state
+    values = module.score(hidden).squeeze(-1).float()  # (B, T)
+    p, a = batch["prompt_width"], batch["response_mask"].shape[1]
+    return values[:, p - 1 : p - 1 + a]
+
+
+def sample_values(model: Any, samples: list[dict[str, Any]], pad_id: int) -> list[list[float]]:
+    """The critic's per-token values of sampled responses (for the experience)."""
+    if not samples:
+        return []
+    batch = _device_batch(model, pack(samples, pad_id))
+    return unpack_rows(critic_values(model, batch), batch)
+
+
+def _minibatch(data: list[Any], indices: list[int], rank: int, world: int, pad_id: int):
+    samples = [s for chunk in data for s in chunk]
+    rows = [samples[i] for i in indices]
+    mine = split_evenly(rows, world)[rank]
+    batch = pack(mine, pad_id)
+    batch["tokens"] = float(sum(len(r["response_ids"]) for r in rows))  # the global count
+    return mine, batch
+
+
+def policy_batch(
+    data: list[Any],
+    step: dict[str, Any],
+    rank: int,
+    world: int,
+    *,
+    pad_id: int,
+    adv_mean: float,
+    adv_std: float,
+) -> dict[str, Any]:
+    """data: the experience chunks, then the ptx demonstrations; step: {"samples": indices,
+    "ptx": indices}."""
+    *chunks, ptx_examples = data
+    mine, batch = _minibatch(chunks, step["samples"], rank, world, pad_id)
+    width = batch["response_mask"].shape[1]
+    batch["old_logprobs"] = _padded(mine, "logprobs", width)
+    batch["advantages"] = (_padded(mine, "advantages", width) - adv_mean) / adv_std
+    if step["ptx"]:
+        rows = [ptx_examples[i] for i in step["ptx"]]
+        tokens = sum(sum(e["loss_mask"][1:]) for e in rows)
+        ptx = collate_sft(split_evenly(rows, world)[rank], pad_id, tokens)
+        batch.update({f"ptx_{k}": v for k, v in ptx.items()})
+    return batch
+
+
+def critic_batch(
+    data: list[Any], step: dict[str, Any], rank: int, world: int, *, pad_id: int
+) -> dict[str, Any]:
+    mine, batch = _minibatch(data, step["samples"], rank, world, pad_id)
+    width = batch["response_mask"].shape[1]
+    batch["old_values"] = _padded(mine, "values", width)
+    batch["returns"] = _padded(mine, "returns", width)
+    return batch
+
+
+def ppo_objective(
+    model: Any,
+    batch: dict[str, Any],
+    *,
+    clip: float,
+    temperature: float,
+    entropy_coef: float,
+    ptx_coef: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate (minus an entropy bonus), plus γ · the LM loss on demonstrations
+    (PPO-ptx) when the batch carries them. Loss and metrics are this rank's shares."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    )
+    logits = out.logits / temperature
+    p, a = batch["prompt_width"], batch["response_mask"].shape[1]
+    logp = response_logprobs(logits, batch)  # (B, A)
+    mask, n = batch["response_mask"], batch["tokens"]
+    loss, m = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, clip, n)
+    entropy = masked_sum(entropy_from_logits(logits[:, p - 1 : p - 1 + a]), mask) / n
+    share = float(mask.sum()) / n
+    total = loss - entropy_coef * entropy
+    metrics = {
+        "policy_loss": float(loss.detach()),
+        "entropy": float(entropy.detach()),
+        "clipfrac": m.clipfrac * share,
+        "approx_kl": m.approx_kl * share,
+    }
+    if "ptx_input_ids" in batch and ptx_coef > 0:
+        ptx_logits = model(
+            input_ids=batch["ptx_input_ids"], attention_mask=batch["ptx_attention_mask"]
+        ).logits
+        ptx = sft_loss(
+            ptx_logits, batch["ptx_input_ids"], batch["ptx_loss_mask"], batch["ptx_normalizer"]
+        )
+        total = total + ptx_coef * ptx
+        metrics["ptx_loss"] = float(ptx.detach())
+    return total, metrics
+
+
+def value_objective(
+    model: Any, batch: dict[str, Any], *, clip: float | None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    values = critic_values(model, batch)
+    mask, n = batch["response_mask"], batch["tokens"]
+    loss, clipfrac = value_loss(values, batch["old_values"], batch["returns"], mask, clip, n)
+    share = float(mask.sum()) / n
+    return loss, {"value_loss": float(loss.detach()), "value_clipfrac": clipfrac * share}

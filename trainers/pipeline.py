@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from cluster import RayRuntime
-from trainers import rm, sft
+from trainers import ppo, rm, sft
 from trainers.common import StageRecord, check_model_folder, fingerprint
 from trainers.config import RunConfig, to_dict
 from trainers.task import ensure_task, labeler_score
@@ -41,6 +41,14 @@ class Paths:
     rm_heldout: str
     rm_normalize: str
     rm_out: Path
+    ppo_policy: str
+    ppo_reward: str
+    ppo_critic: str
+    ppo_prompts: str
+    ppo_heldout_prompts: str
+    ppo_ptx: str
+    ppo_heldout_demos: str
+    ppo_out: Path
 
 
 def resolve_paths(config: RunConfig) -> Paths:
@@ -52,18 +60,29 @@ def resolve_paths(config: RunConfig) -> Paths:
         return value if value is not None else str(default)
 
     sft_train = pick(config.sft.train_data, task / "sft_train.jsonl")
+    sft_heldout = pick(config.sft.heldout_data, task / "sft_heldout.jsonl")
+    rm_out = run / "rm" / "model"
+    ppo_reward = pick(config.ppo.reward_model, rm_out)
     return Paths(
         run=run,
         task=task,
         sft_model=pick(config.sft.model, task / "base_model"),
         sft_train=sft_train,
-        sft_heldout=pick(config.sft.heldout_data, task / "sft_heldout.jsonl"),
+        sft_heldout=sft_heldout,
         sft_out=sft_out,
         rm_model=pick(config.rm.model, sft_out),
         rm_train=pick(config.rm.train_data, task / "rm_train.jsonl"),
         rm_heldout=pick(config.rm.heldout_data, task / "rm_heldout.jsonl"),
         rm_normalize=pick(config.rm.normalize_data, Path(sft_train)),
-        rm_out=run / "rm" / "model",
+        rm_out=rm_out,
+        ppo_policy=pick(config.ppo.policy, sft_out),
+        ppo_reward=ppo_reward,
+        ppo_critic=pick(config.ppo.critic_model, Path(ppo_reward)),
+        ppo_prompts=pick(config.ppo.prompts, task / "prompts_train.jsonl"),
+        ppo_heldout_prompts=pick(config.ppo.heldout_prompts, task / "prompts_heldout.jsonl"),
+        ppo_ptx=pick(config.ppo.ptx_data, Path(sft_train)),
+        ppo_heldout_demos=pick(config.ppo.heldout_demonstrations, Path(sft_heldout)),
+        ppo_out=run / "ppo",
     )
 
 
@@ -78,7 +97,7 @@ def _write_summary(path: Path, figures: dict[str, dict[str, Any]]) -> dict[str, 
 
 
 def _stage(
-    name: str, record: StageRecord, restart: bool, log: Any, train: Callable[[], dict[str, float]]
+    name: str, record: StageRecord, restart: bool, log: Any, train: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
     """Run a stage unless it finished before with the same settings; record what it reached."""
     if not restart:
@@ -127,6 +146,25 @@ def run(config: RunConfig, *, restart: bool = False, log: Any = print) -> dict[s
         )
         inputs["rm"] = rm.prepare(
             config, paths.rm_model, paths.rm_train, paths.rm_heldout, paths.rm_normalize, tok, log
+        )
+    if "ppo" in config.stages:
+        # the policy is this run's SFT model unless named: its tokenizer is the SFT input's
+        tok = (
+            check_model_folder(paths.sft_model, "sft.model")
+            if config.ppo.policy is None and "sft" in config.stages
+            else check_model_folder(paths.ppo_policy, "ppo.policy")
+        )
+        inputs["ppo"] = ppo.prepare(
+            config,
+            policy=paths.ppo_policy,
+            reward_model=paths.ppo_reward,
+            critic_model=paths.ppo_critic,
+            prompts=paths.ppo_prompts,
+            heldout_prompts=paths.ppo_heldout_prompts,
+            ptx=paths.ppo_ptx,
+            heldout_demos=paths.ppo_heldout_demos,
+            tokenizer=tok,
+            log=log,
         )
 
     # -- run ------------------------------------------------------------------------------------
@@ -180,6 +218,35 @@ def run(config: RunConfig, *, restart: bool = False, log: Any = print) -> dict[s
                     log,
                     lambda: rm.train(config, inputs["rm"], paths.rm_out, tracker, labeler, log),
                 )
+            if "ppo" in config.stages:
+                check_model_folder(paths.ppo_policy, "ppo.policy")
+                check_model_folder(paths.ppo_reward, "ppo.reward_model", reward=True)
+                check_model_folder(paths.ppo_critic, "ppo.critic_model", reward=True)
+                record = StageRecord(
+                    paths.ppo_out,
+                    {
+                        **shared,
+                        **{k: plain[k] for k in ("ppo", "rollout", "reward", "reference")},
+                        "inputs": fingerprint(
+                            paths.ppo_policy,
+                            paths.ppo_reward,
+                            paths.ppo_critic,
+                            paths.ppo_prompts,
+                            paths.ppo_heldout_prompts,
+                            paths.ppo_ptx,
+                            paths.ppo_heldout_demos,
+                        ),
+                    },
+                )
+                result = _stage(
+                    "ppo",
+                    record,
+                    restart,
+                    log,
+                    lambda: ppo.train(config, inputs["ppo"], paths.ppo_out, tracker, labeler, log),
+                )
+                for stage, values in result.items():  # PPO also measures the SFT policy
+                    figures.setdefault(stage, {}).update(values)
         tracker.summary({f"{s}/{k}": v for s, vals in figures.items() for k, v in vals.items()})
     finally:
         wandb_folder = tracker.folder

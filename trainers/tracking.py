@@ -54,6 +54,17 @@ class Tracker:
             self.run.log(metrics, step=self._step)
         self._step += 1
 
+    def table(self, key: str, rows: list[list[Any]], iteration: int) -> None:
+        """A table of sample prompts and responses (logged with the next row)."""
+        if self.run is not None:
+            import wandb
+
+            columns = ["prompt", "response", "rm_score", "kl", "labeler_score", "version"]
+            self.run.log(
+                {key: wandb.Table(columns=columns, data=rows), f"{key}_iteration": iteration},
+                step=self._step,
+            )
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
             for key, value in values.items():

@@ -1,0 +1,115 @@
+"""Experience: a chunk of samples joined with its scores, reference log-probs and values.
+
+One sample (a dict; lists are per response token, length A_i):
+
+    prompt_ids      [int]     the prompt, chat template applied
+    response_ids    [int]     the sampled response (ends with the end token unless cut)
+    logprobs        [float]   log π_old(a_t | s_t) from the engine that sampled it
+    version         int       weight version of that engine
+    ref_logprobs    [float]   log π_SFT(a_t | s_t)
+    values          [float]   V(s_t), the state before a_t
+    score           float     the RM's score (normalised, clipped)
+    rewards         [float]   −β·KL_t, plus the score on the last token
+    advantages      [float]   GAE(γ, λ), not whitened (the learners whiten over the iteration)
+    returns         [float]   advantages + values
+
+`make_experience` runs as a Ray task on refs of the chunk's parts, so the samples go from the
+engines to the learners through the object store, never through the driver; it returns the chunk
+and a few sums for the driver's figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trainers.ppo_math import gae, kl_estimate, token_rewards
+
+
+def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
+    return torch.tensor([list(r) + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32)
+
+
+def make_experience(
+    samples: list[dict[str, Any]],
+    scores: list[float],
+    ref_logprobs: list[list[float]],
+    *value_parts: list[list[float]],
+    beta: float,
+    estimator: str,
+    gamma: float,
+    lam: float,
+    reward_clip: float | None,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """value_parts: the critic ranks' values of their contiguous shares, in rank order."""
+    values = [v for part in value_parts for v in part]
+    width = max(len(s["response_ids"]) for s in samples)
+    mask = _pad([[1.0] * len(s["response_ids"]) for s in samples], width)  # (B, A)
+    logp = _pad([s["logprobs"] for s in samples], width)
+    ref = _pad(ref_logprobs, width)
+    vals = _pad(values, width)
+    raw = torch.tensor(scores, dtype=torch.float32)  # (B,)
+    score = raw if reward_clip is None else raw.clamp(-reward_clip, reward_clip)
+    kl = kl_estimate(logp, ref, estimator) * mask  # (B, A)
+    rewards = token_rewards(score, kl, mask, beta)
+    advantages, returns = gae(rewards, vals, mask, gamma, lam)
+    out = []
+    for i, s in enumerate(samples):
+        n = len(s["response_ids"])
+        out.append(
+            {
+                **s,
+                "ref_logprobs": ref_logprobs[i],
+                "values": values[i],
+                "score": float(score[i]),
+                "rewards": rewards[i, :n].tolist(),
+                "advantages": advantages[i, :n].tolist(),
+                "returns": returns[i, :n].tolist(),
+            }
+        )
+    k1 = ((logp - ref) * mask).sum(dim=1)  # (B,) KL of each sequence, nats
+    residual = (returns - vals) * mask
+    stats = {
+        "samples": float(len(samples)),
+        "tokens": float(mask.sum()),
+        "score_sum": float(raw.sum()),
+        "kl_sum": float(k1.sum()),
+        "finished": float(sum(bool(s["finished"]) for s in samples)),
+        "adv_sum": float((advantages * mask).sum()),
+        "adv_sq_sum": float((advantages**2 * mask).sum()),
+        "ret_sum": float((returns * mask).sum()),
+        "ret_sq_sum": float((returns**2 * mask).sum()),
+        "res_sum": float(residual.sum()),
+        "res_sq_sum": float((residual**2).sum()),
+        "version_min": float(min(s["version"] for s in samples)),
+    }
+    return out, stats
+
+
+def summarize(stats: list[dict[str, float]]) -> dict[str, float]:
+    """An iteration's figures from its chunks' sums."""
+    total = {k: sum(s[k] for s in stats) for k in stats[0] if k != "version_min"}
+    n, tokens = total["samples"], total["tokens"]
+
+    def var(s: float, sq: float) -> float:
+        mean = s / tokens
+        return max(sq / tokens - mean**2, 0.0)
+
+    adv_mean = total["adv_sum"] / tokens
+    ret_var = var(total["ret_sum"], total["ret_sq_sum"])
+    return {
+        "score": total["score_sum"] / n,
+        "kl": total["kl_sum"] / n,
+        "response_length": tokens / n,
+        "finished_share": total["finished"] / n,
+        "advantage_mean": adv_mean,
+        "advantage_std": var(total["adv_sum"], total["adv_sq_sum"]) ** 0.5,
+        "return_mean": total["ret_sum"] / tokens,
+        "return_std": ret_var**0.5,
+        "explained_variance": 1.0 - var(total["res_sum"], total["res_sq_sum"]) / ret_var
+        if ret_var > 0
+        else float("nan"),
+        "tokens": tokens,
+        "oldest_version": min(s["version_min"] for s in stats),
+    }

@@ -1,0 +1,505 @@
+"""Stage 3: PPO (and PPO-ptx) against the reward model, with a KL penalty to the SFT policy.
+
+The roles are Ray actors: vLLM engines (rollout), the RM (reward), the frozen SFT policy
+(reference), a DeepSpeed critic group and the DeepSpeed policy group. One iteration, top to
+bottom (`iteration`):
+
+1. the prompts go to the engines in chunks;
+2. as soon as a chunk is generated, its object ref goes to reward, reference and critic, and a
+   Ray task joins their answers into experience (rewards, GAE): the samples never pass through
+   the driver, and scoring overlaps the generation of the other chunks;
+3. the policy and critic groups fetch the experience themselves and train on it at the same time
+   (PPO epochs over shuffled minibatches);
+4. the policy's new weights go to every engine through the object store; each sample records the
+   weight version that produced it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.learner import LearnerGroup, ModelSpec
+from actors.rollout import EngineConfig, RolloutEngine, Sampling
+from actors.scorers import ReferencePolicy, RewardModel
+from cluster import ActorGroup
+from trainers.common import evaluate, learner_group, optim_spec
+from trainers.config import RunConfig
+from trainers.data import (
+    Limits,
+    collate_sft,
+    encode_demonstrations,
+    encode_prompts,
+    read,
+)
+from trainers.experience import make_experience, summarize
+from trainers.objectives import (
+    critic_batch,
+    policy_batch,
+    ppo_objective,
+    sample_values,
+    sft_eval,
+    value_objective,
+)
+from trainers.ppo_math import AdaptiveKLController, FixedKLController
+from trainers.tracking import Tracker, progress
+
+# Joining a chunk is a few tensor operations: it takes no CPU reservation, so it can run while
+# the actors hold every CPU of the cluster.
+_make_experience = ray.remote(num_cpus=0)(make_experience)
+
+
+@dataclass
+class PPOInputs:
+    policy: str
+    reward_model: str
+    critic_model: str
+    tokenizer: Any
+    prompts: list[dict[str, Any]]
+    heldout_prompts: list[dict[str, Any]]
+    ptx: list[dict[str, Any]]
+    heldout_demos: list[dict[str, Any]]
+
+
+def prepare(
+    config: RunConfig,
+    *,
+    policy: str,
+    reward_model: str,
+    critic_model: str,
+    prompts: str,
+    heldout_prompts: str,
+    ptx: str,
+    heldout_demos: str,
+    tokenizer: Any,
+    log: Any = print,
+) -> PPOInputs:
+    """Read and encode the prompts and demonstrations (before Ray starts)."""
+    d = config.data
+    limits = Limits(d.max_prompt_tokens, d.max_seq_len, d.on_too_long)
+    inputs = PPOInputs(
+        policy=policy,
+        reward_model=reward_model,
+        critic_model=critic_model,
+        tokenizer=tokenizer,
+        prompts=encode_prompts(read(prompts, "prompts", "ppo.prompts"), tokenizer, limits, log),
+        heldout_prompts=encode_prompts(
+            read(heldout_prompts, "prompts", "ppo.heldout_prompts"), tokenizer, limits, log
+        ),
+        ptx=encode_demonstrations(
+            read(ptx, "demonstrations", "ppo.ptx_data"), tokenizer, limits, log
+        ),
+        heldout_demos=encode_demonstrations(
+            read(heldout_demos, "demonstrations", "ppo.heldout_demonstrations"),
+            tokenizer,
+            limits,
+            log,
+        ),
+    )
+    if len(inputs.prompts) < config.ppo.rollout_batch:
+        raise ValueError(
+            f"ppo.rollout_batch ({config.ppo.rollout_batch}) is larger than the "
+            f"{len(inputs.prompts)} usable prompts in {prompts}"
+        )
+    return inputs
+
+
+class PromptStream:
+    """Prompts in a shuffled order, a new order each pass, fixed by the seed; its position is
+    its whole state (for resuming)."""
+
+    def __init__(self, prompts: list[dict[str, Any]], seed: int) -> None:
+        self.prompts, self.seed = prompts, seed
+        self.epoch, self.offset = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed * 7919 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[dict[str, Any]]:
+        out = []
+        while len(out) < n:
+            if self.offset == len(self._order):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.prompts[self._order[self.offset]])
+            self.offset += 1
+        return out
+
+
+class Roles:
+    """Every actor of the PPO stage; shuts them all down on exit."""
+
+    def __init__(self, config: RunConfig, inputs: PPOInputs) -> None:
+        cfg, r = config.ppo, config.rollout
+        self.groups: list[Any] = []
+        max_len = config.data.max_prompt_tokens + cfg.max_new_tokens
+        self.engines = self._add(
+            ActorGroup(
+                RolloutEngine,
+                r.engines,
+                name="rollout",
+                num_cpus=r.cpus_per_engine,
+                num_gpus=r.gpus_per_engine,
+                strategy="SPREAD",
+                placement_timeout_s=config.learner.placement_timeout_s,
+                call_timeout_s=config.learner.collective_timeout_s,
+                actor_kwargs={
+                    "config": EngineConfig(
+                        model=inputs.policy,
+                        max_model_len=max_len,
+                        dtype=r.dtype,
+                        seed=config.seed,
+                        kv_cache_gb=r.kv_cache_gb,
+                        gpu_memory_utilization=r.gpu_memory_utilization,
+                    )
+                },
+            )
+        )
+        self.reward = self._add(
+            ActorGroup(
+                RewardModel,
+                1,
+                name="reward",
+                num_cpus=config.reward.cpus,
+                num_gpus=config.reward.gpus,
+                call_timeout_s=config.learner.collective_timeout_s,
+                actor_kwargs={"path": inputs.reward_model, "batch_size": config.reward.batch_size},
+            )
+        )
+        self.reference = self._add(
+            ActorGroup(
+                ReferencePolicy,
+                1,
+                name="reference",
+                num_cpus=config.reference.cpus,
+                num_gpus=config.reference.gpus,
+                call_timeout_s=config.learner.collective_timeout_s,
+                actor_kwargs={"path": inputs.policy, "batch_size": config.reference.batch_size},
+            )
+        )
+        self.policy: LearnerGroup = self._add(learner_group(config, "policy", cfg.minibatch_size))
+        critic_config = config.model_copy(update={"learner": cfg.critic})
+        self.critic: LearnerGroup = self._add(
+            learner_group(critic_config, "critic", cfg.minibatch_size)
+        )
+        steps = cfg.iterations * cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
+        self.policy.build(ModelSpec(inputs.policy), optim_spec(cfg.policy_optim, steps))
+        self.critic.build(
+            ModelSpec(inputs.critic_model, kind="reward"), optim_spec(cfg.critic_optim, steps)
+        )
+        self.ptx_ref = ray.put(inputs.ptx)
+        self.ptx_size = len(inputs.ptx)
+        self.pad_id = int(inputs.tokenizer.pad_token_id)
+
+    def _add(self, group: Any) -> Any:
+        self.groups.append(group)
+        return group
+
+    def __enter__(self) -> Roles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for group in reversed(self.groups):
+            group.shutdown()
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def generate(
+    roles: Roles,
+    prompts: list[dict[str, Any]],
+    sampling: Sampling,
+    chunk_size: int,
+    seed: int | None = None,
+) -> dict[Any, int]:
+    """Deal the prompts to the engines in chunks; {ref of a chunk's samples: chunk index}.
+    With `seed`, prompt i is sampled with seed + i, on whichever engine it lands."""
+    engines = roles.engines.actors
+    refs = {}
+    for i, chunk in enumerate(_chunks(prompts, chunk_size)):
+        seeds = None if seed is None else [seed + i * chunk_size + j for j in range(len(chunk))]
+        prompt_ids = [p["prompt_ids"] for p in chunk]
+        refs[engines[i % len(engines)].generate.remote(prompt_ids, sampling, seeds)] = i
+    return refs
+
+
+def iteration(
+    config: RunConfig,
+    roles: Roles,
+    stream: PromptStream,
+    kl: FixedKLController,
+    version: int,
+    it: int,
+) -> tuple[dict[str, float], list[Any]]:
+    """One PPO iteration; returns its figures and the refs of its experience chunks."""
+    cfg = config.ppo
+    pad_id = roles.pad_id
+    timeout = config.learner.collective_timeout_s
+    sampling = Sampling(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
+    )
+    t0 = time.perf_counter()
+
+    # 1-2. generate in chunks; each chunk goes on to reward, reference and critic when it is done
+    pending = generate(roles, stream.take(cfg.rollout_batch), sampling, config.rollout.chunk_size)
+    index = dict(pending)
+    experience: list[Any] = [None] * len(index)
+    stats: list[Any] = [None] * len(index)
+    waiting = list(index)
+    while waiting:
+        [done], waiting = ray.wait(waiting, num_returns=1, timeout=timeout)
+        i = index[done]
+        experience[i], stats[i] = _make_experience.options(num_returns=2).remote(
+            done,
+            roles.reward.actors[0].score.remote(done),
+            roles.reference.actors[0].logprobs.remote(done),
+            *roles.critic.submit_forward_slice(done, partial(sample_values, pad_id=pad_id)),
+            beta=kl.beta,
+            estimator=cfg.kl.estimator,
+            gamma=cfg.gamma,
+            lam=cfg.lam,
+            reward_clip=cfg.reward_clip,
+        )
+    t_generated = time.perf_counter()
+    figures = summarize(ray.get(stats, timeout=timeout))
+    t_scored = time.perf_counter()
+
+    # 3. policy and critic train at the same time on the experience they fetch themselves
+    rng = random.Random(config.seed * 1_000_003 + it)
+    n = cfg.rollout_batch
+    plan = []
+    for _ in range(cfg.epochs):
+        order = rng.sample(range(n), n)
+        for start in range(0, n, cfg.minibatch_size):
+            ptx = rng.sample(range(roles.ptx_size), cfg.ptx_batch_size) if cfg.ptx_coef else []
+            plan.append({"samples": order[start : start + cfg.minibatch_size], "ptx": ptx})
+    adv_mean, adv_std = 0.0, 1.0
+    if cfg.whiten_advantages:
+        adv_mean, adv_std = figures["advantage_mean"], max(figures["advantage_std"], 1e-8)
+    policy_refs = roles.policy.submit_train_on(
+        [*experience, roles.ptx_ref],
+        plan,
+        partial(
+            ppo_objective,
+            clip=cfg.clip,
+            temperature=cfg.temperature,
+            entropy_coef=cfg.entropy_coef,
+            ptx_coef=cfg.ptx_coef,
+        ),
+        partial(policy_batch, pad_id=pad_id, adv_mean=adv_mean, adv_std=adv_std),
+    )
+    critic_refs = roles.critic.submit_train_on(
+        experience,
+        plan,
+        partial(value_objective, clip=cfg.value_clip),
+        partial(critic_batch, pad_id=pad_id),
+    )
+    policy_steps = LearnerGroup.sum_shares(roles.policy.group.get(policy_refs, "train_on"))
+    critic_steps = LearnerGroup.sum_shares(roles.critic.group.get(critic_refs, "train_on"))
+    t_trained = time.perf_counter()
+
+    # 4. the new weights go to every engine
+    weights = roles.policy.publish_weights()
+    roles.engines.get(roles.engines.submit("load_weights", weights, version + 1), "load_weights")
+    t_synced = time.perf_counter()
+
+    lag = version - figures.pop("oldest_version")
+    beta = kl.beta
+    kl.update(figures["kl"], n)
+    for name, steps in (("policy", policy_steps), ("critic", critic_steps)):
+        for key in steps[0]:
+            figures[f"{name}/{key}" if key in ("lr", "grad_norm") else key] = sum(
+                s[key] for s in steps
+            ) / len(steps)
+    figures.update(
+        {
+            "beta": beta,
+            "weight_version_lag": lag,
+            "time/generate": t_generated - t0,
+            "time/score_after_generate": t_scored - t_generated,
+            "time/train": t_trained - t_scored,
+            "time/weight_sync": t_synced - t_trained,
+            "time/iteration": t_synced - t0,
+            "tokens_per_second": figures["tokens"] / max(t_generated - t0, 1e-9),
+        }
+    )
+    return figures, experience
+
+
+def sample_policy(
+    roles: Roles, inputs: PPOInputs, config: RunConfig, labeler: Any
+) -> dict[str, Any]:
+    """One response per held-out prompt from the engines' current weights, judged: RM score,
+    KL to the reference (nats per sequence) and, on the built-in task, the hidden labeler."""
+    cfg = config.ppo
+    sampling = Sampling(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
+    )
+    # A prompt gets the same seed before and after training: its two responses differ only by
+    # the policy (common random numbers).
+    seed = config.seed * 1_000_003
+    refs = generate(roles, inputs.heldout_prompts, sampling, config.rollout.chunk_size, seed)
+    order = sorted(refs, key=refs.__getitem__)
+    timeout = config.learner.collective_timeout_s
+    samples = [s for chunk in ray.get(order, timeout=timeout) for s in chunk]
+    samples_ref = ray.put(samples)
+    scores = ray.get(roles.reward.actors[0].score.remote(samples_ref), timeout=timeout)
+    ref_lp = ray.get(roles.reference.actors[0].logprobs.remote(samples_ref), timeout=timeout)
+    tok = inputs.tokenizer
+    texts = [tok.decode(s["response_ids"], skip_special_tokens=True) for s in samples]
+    kls = [sum(s["logprobs"]) - sum(r) for s, r in zip(samples, ref_lp, strict=True)]
+    judged = (
+        [labeler(p["text"], t) for p, t in zip(inputs.heldout_prompts, texts, strict=True)]
+        if labeler
+        else []
+    )
+    return {"texts": texts, "scores": scores, "kl": kls, "labeler": judged}
+
+
+def demo_loss(roles: Roles, inputs: PPOInputs, batch_size: int) -> float:
+    """The policy's NLL per token on held-out demonstrations (the alignment tax's measure)."""
+    pad = inputs.tokenizer.pad_token_id
+    rows = evaluate(
+        roles.policy,
+        sft_eval,
+        inputs.heldout_demos,
+        partial(collate_sft, pad_id=pad, normalizer=1),
+        batch_size,
+    )
+    return sum(float(r[0]) for r in rows) / sum(float(r[1]) for r in rows)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(len(xs), 1)
+
+
+def train(
+    config: RunConfig,
+    inputs: PPOInputs,
+    out: Path,
+    tracker: Tracker,
+    labeler: Any = None,
+    log: Any = print,
+) -> dict[str, dict[str, float]]:
+    cfg = config.ppo
+    started = time.perf_counter()
+    kl: FixedKLController = (
+        AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
+        if cfg.kl.adaptive
+        else FixedKLController(cfg.kl.beta)
+    )
+    stream = PromptStream(inputs.prompts, config.seed)
+    with Roles(config, inputs) as roles:
+        log(
+            f"ppo: {config.rollout.engines} engine(s), policy on {roles.policy.ranks} rank(s), "
+            f"critic on {roles.critic.ranks}; {cfg.iterations} iterations of "
+            f"{cfg.rollout_batch} prompts"
+        )
+        before = sample_policy(roles, inputs, config, labeler)
+        sft_demo_loss = demo_loss(roles, inputs, cfg.minibatch_size)
+        bar = progress(cfg.iterations, "ppo")
+        tokens = generate_seconds = 0.0
+        for it in range(cfg.iterations):
+            figures, experience = iteration(config, roles, stream, kl, it, it)
+            tokens += figures["tokens"]
+            generate_seconds += figures["time/generate"]
+            row = {f"ppo/{k}": v for k, v in figures.items()}
+            row["ppo/iteration"] = it + 1
+            if (it + 1) % cfg.sample_table_every == 0 or it == 0:
+                tracker.table(
+                    "ppo/samples", sample_rows(ray.get(experience[0])[:8], inputs, labeler), it + 1
+                )
+            tracker.log(row)
+            bar.update()
+            bar.set_postfix(
+                score=f"{figures['score']:+.3f}",
+                kl=f"{figures['kl']:.2f}",
+                beta=f"{figures['beta']:.3f}",
+            )
+        bar.close()
+        after = sample_policy(roles, inputs, config, labeler)
+        ppo_demo_loss = demo_loss(roles, inputs, cfg.minibatch_size)
+        roles.policy.save(out / "policy")
+        roles.critic.save(out / "critic")
+    seconds = time.perf_counter() - started
+    _write_eval(out / "eval_samples.jsonl", inputs, before, after)
+    ppo = {
+        "iterations": float(cfg.iterations),
+        "seconds": seconds,
+        "tokens_per_second": tokens / max(generate_seconds, 1e-9),
+        "rm_score": _mean(after["scores"]),
+        "kl_to_sft": _mean(after["kl"]),
+        "heldout_demo_loss": ppo_demo_loss,
+        "final_beta": kl.beta,
+    }
+    sft = {"rm_score": _mean(before["scores"]), "heldout_demo_loss": sft_demo_loss}
+    if labeler is not None:
+        wins = [
+            1.0 if a > b else 0.5 if a == b else 0.0
+            for a, b in zip(after["labeler"], before["labeler"], strict=True)
+        ]
+        ppo.update(winrate_vs_sft=_mean(wins), labeler_score=_mean(after["labeler"]))
+        sft["labeler_score"] = _mean(before["labeler"])
+    log(
+        f"ppo: RM score {sft['rm_score']:+.3f} -> {ppo['rm_score']:+.3f}, KL to SFT "
+        f"{ppo['kl_to_sft']:.2f} nats/sequence, held-out demonstration loss "
+        f"{sft_demo_loss:.3f} -> {ppo_demo_loss:.3f}"
+        + (
+            f"; labeler {sft['labeler_score']:+.3f} -> {ppo['labeler_score']:+.3f}, win rate vs "
+            f"SFT {ppo['winrate_vs_sft']:.3f}"
+            if labeler
+            else ""
+        )
+        + f"; policy in {out / 'policy'}"
+    )
+    return {"ppo": ppo, "sft": sft}
+
+
+def _write_eval(
+    path: Path, inputs: PPOInputs, before: dict[str, Any], after: dict[str, Any]
+) -> None:
+    """The held-out prompts with the SFT and the PPO policy's responses side by side."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i, prompt in enumerate(inputs.heldout_prompts):
+            row = {"prompt": prompt["text"]}
+            for name, result in (("sft", before), ("ppo", after)):
+                row[f"{name}_response"] = result["texts"][i]
+                row[f"{name}_rm_score"] = result["scores"][i]
+                row[f"{name}_kl"] = result["kl"][i]
+                if result["labeler"]:
+                    row[f"{name}_labeler_score"] = result["labeler"][i]
+            f.write(json.dumps(row) + "\n")
+
+
+def sample_rows(samples: list[dict[str, Any]], inputs: PPOInputs, labeler: Any) -> list[list[Any]]:
+    tok = inputs.tokenizer
+    rows = []
+    for s in samples:
+        prompt = tok.decode(s["prompt_ids"], skip_special_tokens=True)
+        response = tok.decode(s["response_ids"], skip_special_tokens=True)
+        judged = labeler(prompt, response) if labeler else None
+        rows.append(
+            [
+                prompt,
+                response,
+                s["score"],
+                sum(s["logprobs"]) - sum(s["ref_logprobs"]),
+                judged,
+                s["version"],
+            ]
+        )
+    return rows
