@@ -258,6 +258,17 @@ class Learner:
                 return None
             return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
 
+    def save_checkpoint(self, folder: str) -> None:
+        """Weights, optimizer and schedule of every rank into `folder` (DeepSpeed's layout).
+        Collective."""
+        self.engine.save_checkpoint(folder, tag="state")
+
+    def load_checkpoint(self, folder: str) -> None:
+        """Back to the state that `save_checkpoint` wrote. Collective."""
+        path, _ = self.engine.load_checkpoint(folder, tag="state")
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (tag 'state')")
+
     def publish_weights(self) -> Any:
         """Put the full weights in the object store; rank 0 returns the ref, the others None.
         Collective. The engines fetch the weights from the store, not through the driver."""
@@ -383,6 +394,12 @@ class LearnerGroup:
                     total[key] = total.get(key, 0.0) + value
             steps.append(total)
         return steps
+
+    def save_checkpoint(self, folder: str | Path) -> None:
+        self.group.call("save_checkpoint", str(folder))
+
+    def load_checkpoint(self, folder: str | Path) -> None:
+        self.group.call("load_checkpoint", str(folder))
 
     def publish_weights(self) -> Any:
         """An object ref to the full weights (a Hugging Face state dict)."""

@@ -64,14 +64,72 @@ def test_rm_is_a_loadable_classifier_that_puts_demonstrations_at_zero(demo_run) 
 
 
 @pytest.mark.e2e
+def test_ppo_beats_the_sft_policy_by_the_hidden_labeler(demo_run) -> None:
+    out, summary = demo_run
+    ppo, sft = summary["ppo"], summary["sft"]
+    assert ppo["winrate_vs_sft"] >= 0.75
+    assert ppo["labeler_score"] > sft["labeler_score"]
+    assert ppo["rm_score"] > sft["rm_score"]
+    assert 0 < ppo["kl_to_sft"] < 20
+    assert ppo["iterations"] == 60
+    for key in ("seconds", "tokens_per_second", "heldout_demo_loss"):
+        assert ppo[key] > 0
+    # the final policy is a Hugging Face folder with its tokenizer, and the evaluation's
+    # samples lie beside it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out / "ppo" / "policy", use_safetensors=True)
+    assert AutoTokenizer.from_pretrained(out / "ppo" / "policy").chat_template
+    rows = [json.loads(line) for line in (out / "ppo" / "eval_samples.jsonl").open()]
+    assert len(rows) == 200 and {"sft_response", "ppo_response"} <= rows[0].keys()
+
+
+@pytest.mark.e2e
 def test_stage_folders_and_wandb_run(demo_run) -> None:
+    from tests.wandb_reader import finite, history
+
     out, _ = demo_run
     for stage in ("sft", "rm"):
         assert (out / stage / "model" / "model.safetensors").is_file()
         assert (out / stage / "model" / "tokenizer.json").is_file()
         assert (out / stage / "stage.json").is_file()
     assert (out / "task" / "base_model" / "config.json").is_file()
-    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    [run] = list((out / "wandb").glob("offline-run-*"))
+    rows = history(run)
+    ppo_rows = [r for r in rows if "ppo/score" in r]
+    assert len(ppo_rows) == 60
+    keys = [
+        "ppo/score",
+        "ppo/kl",
+        "ppo/beta",
+        "ppo/policy_loss",
+        "ppo/value_loss",
+        "ppo/approx_kl",
+        "ppo/clipfrac",
+        "ppo/entropy",
+        "ppo/explained_variance",
+        "ppo/advantage_mean",
+        "ppo/return_mean",
+        "ppo/response_length",
+        "ppo/time/generate",
+        "ppo/time/train",
+        "ppo/time/weight_sync",
+        "ppo/tokens_per_second",
+        "ppo/weight_version_lag",
+    ]
+    for row in ppo_rows:
+        for key in keys:
+            assert finite(row[key]), (key, row.get(key))
+    assert {r["ppo/weight_version_lag"] for r in ppo_rows} == {0}
+    first = sum(r["ppo/score"] for r in ppo_rows[:5]) / 5
+    last = sum(r["ppo/score"] for r in ppo_rows[-5:]) / 5
+    assert last > first + 0.2  # the RM score rises
+    tables = [r for r in rows if r.get("ppo/samples/_type") == "table-file"]
+    assert len(tables) == 13  # the first iteration and every 5th
+    table = json.loads((run / "files" / tables[-1]["ppo/samples/path"]).read_text())
+    assert table["columns"][:3] == ["prompt", "response", "rm_score"]
+    assert len(table["data"]) == 8
+    assert any("sft/loss" in r for r in rows) and any("rm/heldout_accuracy" in r for r in rows)
 
 
 @pytest.mark.e2e
@@ -141,3 +199,57 @@ def test_cli_refuses_a_malformed_data_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert f"{bad}:2: not valid JSON" in result.stderr
+
+
+@pytest.mark.e2e
+def test_a_killed_ppo_run_resumes_from_its_checkpoint(demo_run, tmp_path: Path) -> None:
+    import os
+    import shutil
+    import signal
+    import time
+
+    import ray
+
+    demo, _ = demo_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo / "task", run_dir / "task")  # the same task: not built again
+    args = [
+        "configs/tiny.yaml",
+        f"output_dir={run_dir}",
+        "stages=[ppo]",
+        "wandb.mode=disabled",
+        f"ppo.policy={demo / 'sft' / 'model'}",
+        f"ppo.reward_model={demo / 'rm' / 'model'}",
+        "ppo.iterations=4",
+        "ppo.checkpoint_every=2",
+        "ppo.rollout_batch=32",
+        # a second driver on this session's cluster: killing it leaves no Ray process behind
+        f"ray.address={ray.get_runtime_context().gcs_address}",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "trainers.cli", "run", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    latest = run_dir / "ppo" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not latest.is_file() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert latest.read_text().strip() == "iter-000002", first.stdout.read()[-3000:]
+
+    refused = _cli("run", *args)
+    assert refused.returncode == 2
+    assert "pass --resume to continue it" in refused.stderr
+
+    resumed = _cli("run", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "after iteration 2" in resumed.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ppo"]["iterations"] == 4
+    assert latest.read_text().strip() == "iter-000004"
+    assert sorted(p.name for p in latest.parent.glob("iter-*")) == ["iter-000002", "iter-000004"]

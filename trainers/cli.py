@@ -13,6 +13,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from trainers.config import ConfigError
     from trainers.data import DataError
     from trainers.pipeline import StageConflict
+    from trainers.ppo import CheckpointExists
 
     return (
         ConfigError,
@@ -21,6 +22,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         PlacementError,
         StageConflict,
         FileExistsError,
+        CheckpointExists,
     )
 
 
@@ -42,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         "--restart",
         action="store_true",
         help="train stages again even where they finished with other settings",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an unfinished PPO stage from its latest checkpoint",
     )
     check = sub.add_parser("check", help="validate a config and print it, starting nothing")
     check.add_argument("config")
@@ -69,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from trainers.pipeline import run as run_pipeline
 
-        run_pipeline(config, restart=args.restart)
+        if args.restart and args.resume:
+            parser.error("--restart and --resume exclude each other")
+        run_pipeline(config, restart=args.restart, resume=args.resume)
         return 0
     except _known_errors() as e:
         print(f"instructray: error: {e}", file=sys.stderr)

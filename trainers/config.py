@@ -304,6 +304,11 @@ class PPOConfig(Section):
     """the critic's optimizer"""
     critic: LearnerConfig = Field(default_factory=lambda: LearnerConfig(ranks=1))
     """the critic's DeepSpeed group"""
+    checkpoint_every: int = Field(default=20, ge=1)
+    """save a checkpoint (policy, critic, optimizers, KL controller, data position) every this
+    many iterations and at the end; `instructray run --resume` continues from the latest"""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """checkpoints kept (the oldest are removed once a newer one is complete)"""
     sample_table_every: int = Field(default=5, ge=1)
     """log a W&B table of sample prompts and responses every this many iterations"""
 

@@ -116,7 +116,9 @@ def _stage(
     return figures
 
 
-def run(config: RunConfig, *, restart: bool = False, log: Any = print) -> dict[str, Any]:
+def run(
+    config: RunConfig, *, restart: bool = False, resume: bool = False, log: Any = print
+) -> dict[str, Any]:
     """Run the config's stages; returns the summary (also written to `<run>/summary.json`)."""
     started = time.time()
     paths = resolve_paths(config)
@@ -243,7 +245,16 @@ def run(config: RunConfig, *, restart: bool = False, log: Any = print) -> dict[s
                     record,
                     restart,
                     log,
-                    lambda: ppo.train(config, inputs["ppo"], paths.ppo_out, tracker, labeler, log),
+                    lambda: ppo.train(
+                        config,
+                        inputs["ppo"],
+                        paths.ppo_out,
+                        tracker,
+                        labeler,
+                        log,
+                        resume=resume,
+                        restart=restart,
+                    ),
                 )
                 for stage, values in result.items():  # PPO also measures the SFT policy
                     figures.setdefault(stage, {}).update(values)

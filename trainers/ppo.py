@@ -391,7 +391,11 @@ def train(
     tracker: Tracker,
     labeler: Any = None,
     log: Any = print,
+    resume: bool = False,
+    restart: bool = False,
 ) -> dict[str, dict[str, float]]:
+    """Run PPO; with `resume`, continue from the latest checkpoint; with `restart`, drop any
+    checkpoint of an unfinished run and start over."""
     cfg = config.ppo
     started = time.perf_counter()
     kl: FixedKLController = (
@@ -400,20 +404,57 @@ def train(
         else FixedKLController(cfg.kl.beta)
     )
     stream = PromptStream(inputs.prompts, config.seed)
+    checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+    if restart:
+        import shutil
+
+        shutil.rmtree(checkpoints.root, ignore_errors=True)
+    latest = checkpoints.latest()
+    if latest is not None and not resume:
+        raise CheckpointExists(
+            f"{latest} holds a checkpoint of an unfinished PPO run; pass --resume to continue "
+            "it, or --restart to start over"
+        )
     with Roles(config, inputs) as roles:
         log(
             f"ppo: {config.rollout.engines} engine(s), policy on {roles.policy.ranks} rank(s), "
             f"critic on {roles.critic.ranks}; {cfg.iterations} iterations of "
             f"{cfg.rollout_batch} prompts"
         )
-        before = sample_policy(roles, inputs, config, labeler)
-        sft_demo_loss = demo_loss(roles, inputs, cfg.minibatch_size)
+        if latest is not None:
+            state = checkpoints.load(latest, roles)
+            kl.load_state_dict(state["kl"])
+            stream.epoch, stream.offset = state["stream"]
+            stream._order = stream._shuffle()
+            before, sft_demo_loss = state["before"], state["sft_demo_loss"]
+            start, tokens = state["iteration"], state["tokens"]
+            generate_seconds, started = state["generate_seconds"], started - state["seconds"]
+            log(f"ppo: resumed from {latest} after iteration {start}")
+        else:
+            before = sample_policy(roles, inputs, config, labeler)
+            sft_demo_loss = demo_loss(roles, inputs, cfg.minibatch_size)
+            start, tokens, generate_seconds = 0, 0.0, 0.0
         bar = progress(cfg.iterations, "ppo")
-        tokens = generate_seconds = 0.0
-        for it in range(cfg.iterations):
+        bar.update(start)
+        for it in range(start, cfg.iterations):
             figures, experience = iteration(config, roles, stream, kl, it, it)
             tokens += figures["tokens"]
             generate_seconds += figures["time/generate"]
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+                checkpoints.save(
+                    it + 1,
+                    roles,
+                    {
+                        "iteration": it + 1,
+                        "kl": kl.state_dict(),
+                        "stream": [stream.epoch, stream.offset],
+                        "before": before,
+                        "sft_demo_loss": sft_demo_loss,
+                        "tokens": tokens,
+                        "generate_seconds": generate_seconds,
+                        "seconds": time.perf_counter() - started,
+                    },
+                )
             row = {f"ppo/{k}": v for k, v in figures.items()}
             row["ppo/iteration"] = it + 1
             if (it + 1) % cfg.sample_table_every == 0 or it == 0:
@@ -464,6 +505,62 @@ def train(
         + f"; policy in {out / 'policy'}"
     )
     return {"ppo": ppo, "sft": sft}
+
+
+class CheckpointExists(RuntimeError):
+    """An unfinished run's checkpoint is in the way of a fresh start."""
+
+
+class Checkpoints:
+    """`<ppo>/checkpoints/iter-NNNNNN/`: the policy's and critic's DeepSpeed states (weights,
+    optimizer, schedule) and `driver.json` (iteration, KL controller, prompt position, the SFT
+    policy's evaluation). A checkpoint is written into a `.tmp` folder and renamed when whole;
+    `latest` names the newest whole one and moves only after the rename, so a run killed while
+    writing resumes from the one before."""
+
+    def __init__(self, root: Path, keep: int) -> None:
+        self.root, self.keep = root, keep
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        folder = self.root / pointer.read_text().strip()
+        return folder if (folder / "driver.json").is_file() else None
+
+    def save(self, iteration: int, roles: Roles, driver: dict[str, Any]) -> Path:
+        import json
+        import shutil
+
+        name = f"iter-{iteration:06d}"
+        final, tmp = self.root / name, self.root / f"{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        roles.policy.save_checkpoint(tmp / "policy")
+        roles.critic.save_checkpoint(tmp / "critic")
+        (tmp / "driver.json").write_text(json.dumps(driver) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer = self.root / "latest.tmp"
+        pointer.write_text(name + "\n")
+        pointer.replace(self.root / "latest")
+        whole = sorted(p for p in self.root.glob("iter-*") if not p.name.endswith(".tmp"))
+        for old in whole[: -self.keep]:
+            shutil.rmtree(old)
+        return final
+
+    def load(self, folder: Path, roles: Roles) -> dict[str, Any]:
+        """Put the groups back in the checkpoint's state and the engines on its weights."""
+        import json
+
+        driver = json.loads((folder / "driver.json").read_text())
+        roles.policy.load_checkpoint(folder / "policy")
+        roles.critic.load_checkpoint(folder / "critic")
+        weights = roles.policy.publish_weights()
+        roles.engines.get(
+            roles.engines.submit("load_weights", weights, driver["iteration"]), "load_weights"
+        )
+        return dict(driver)
 
 
 def _write_eval(
