@@ -22,7 +22,7 @@ def test_the_demo_config_loads_with_its_defaults() -> None:
     config = load_config(ROOT / "configs" / "tiny.yaml")
     assert config.name == "tiny"
     assert config.output_dir == "runs/tiny"
-    assert config.stages == ["sft", "rm"]
+    assert config.stages == ["sft", "rm", "ppo"]
     assert config.learner.ranks == 2
 
 
@@ -89,3 +89,10 @@ def test_readme_config_reference_is_current() -> None:
 
     readme = (ROOT / "README.md").read_text()
     assert config_reference() in readme, "run `instructray config-reference` into the README"
+
+
+def test_ppo_batches_must_divide(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"ppo\.rollout_batch \(60\) must be a multiple"):
+        load_config(_write(tmp_path, "ppo: {rollout_batch: 60, minibatch_size: 16}\n"))
+    with pytest.raises(ConfigError, match=r"ppo\.minibatch_size \(9\) must be a multiple"):
+        load_config(_write(tmp_path, "ppo: {rollout_batch: 18, minibatch_size: 9}\n"))

@@ -1,0 +1,73 @@
+"""The PPO driver's pieces that need no cluster: the prompt stream and the experience join."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainers.experience import make_experience, summarize
+from trainers.ppo import PromptStream
+from trainers.ppo_math import gae, token_rewards
+
+pytestmark = pytest.mark.unit
+
+
+def test_prompt_stream_visits_every_prompt_once_per_pass_and_resumes_exactly() -> None:
+    prompts = [{"i": i} for i in range(10)]
+    stream = PromptStream(prompts, seed=3)
+    first = [p["i"] for p in stream.take(10)]
+    assert sorted(first) == list(range(10))
+    taken = [p["i"] for p in stream.take(7)]
+    restored = PromptStream(prompts, seed=3)
+    restored.epoch, restored.offset = stream.epoch, stream.offset
+    restored._order = restored._shuffle()
+    assert [p["i"] for p in stream.take(9)] == [p["i"] for p in restored.take(9)]
+    assert taken != first[:7]  # a new order each pass
+
+
+def test_experience_joins_a_chunk_and_its_figures() -> None:
+    samples = [
+        {
+            "prompt_ids": [1, 2],
+            "response_ids": [5, 6, 7],
+            "logprobs": [-1.0, -0.5, -0.2],
+            "finished": True,
+            "version": 3,
+        },
+        {
+            "prompt_ids": [1],
+            "response_ids": [8],
+            "logprobs": [-2.0],
+            "finished": False,
+            "version": 3,
+        },
+    ]
+    ref = [[-1.5, -0.5, -0.1], [-1.0]]
+    values = [[0.1, 0.2, 0.3], [0.5]]
+    # the critic's two ranks each return their contiguous share
+    chunk, stats = make_experience(
+        samples,
+        [1.0, -9.0],
+        ref,
+        values[:1],
+        values[1:],
+        beta=0.1,
+        estimator="k1",
+        gamma=1.0,
+        lam=0.95,
+        reward_clip=5.0,
+    )
+    assert [s["score"] for s in chunk] == [1.0, -5.0]  # clipped to ±5
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    kl = torch.tensor([[0.5, 0.0, -0.1], [-1.0, 0.0, 0.0]])
+    rewards = token_rewards(torch.tensor([1.0, -5.0]), kl, mask, 0.1)
+    adv, ret = gae(rewards, torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.0, 0.0]]), mask, 1.0, 0.95)
+    assert chunk[0]["advantages"] == pytest.approx(adv[0].tolist(), abs=1e-6)
+    assert chunk[1]["returns"] == pytest.approx(ret[1, :1].tolist(), abs=1e-6)
+    assert chunk[0]["values"] == values[0] and chunk[0]["ref_logprobs"] == ref[0]
+    figures = summarize([stats])
+    assert figures["score"] == pytest.approx((1.0 - 9.0) / 2)  # logged before clipping
+    assert figures["kl"] == pytest.approx((0.5 + 0.0 - 0.1 - 1.0) / 2)
+    assert figures["response_length"] == 2.0
+    assert figures["finished_share"] == 0.5
+    assert figures["oldest_version"] == 3
