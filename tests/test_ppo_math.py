@@ -193,3 +193,21 @@ def test_running_moments_match_the_whole_stream() -> None:
     whole = torch.cat(chunks).double()
     assert moments.mean == pytest.approx(float(whole.mean()), rel=1e-9)
     assert moments.std == pytest.approx(float(whole.std()), rel=1e-9)
+
+
+def test_running_moments_from_sums_match_the_stream() -> None:
+    g = torch.Generator().manual_seed(5)
+    chunks = [torch.randn(n, generator=g) * 2 - 1 for n in (4, 9, 30)]
+    moments = RunningMoments()
+    for c in chunks:
+        moments.update_from_sums(c.numel(), float(c.sum()), float((c.double() ** 2).sum()))
+    whole = torch.cat(chunks).double()
+    assert moments.mean == pytest.approx(float(whole.mean()), rel=1e-6)  # float32 sums
+    assert moments.std == pytest.approx(float(whole.std()), rel=1e-6)
+
+
+def test_normalize_scores_scales_then_clips() -> None:
+    from trainers.ppo_math import normalize_scores
+
+    out = normalize_scores(torch.tensor([1.0, -4.0, 10.0]), scale=2.0, clip=3.0)
+    torch.testing.assert_close(out, torch.tensor([0.5, -2.0, 3.0]))

@@ -291,6 +291,8 @@ class PPOConfig(Section):
     """normalise advantages over the iteration's tokens to mean 0 and std 1"""
     reward_clip: float | None = Field(default=5.0, gt=0)
     """clip RM scores to ±this; null: no clipping"""
+    normalize_reward: bool = False
+    """divide RM scores by their running standard deviation over the earlier iterations"""
     ptx_coef: float = Field(default=0.0, ge=0)
     """γ of PPO-ptx: weight of the LM loss on demonstrations mixed into each policy step
     (0 is plain PPO)"""

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from trainers.ppo_math import gae, kl_estimate, token_rewards
+from trainers.ppo_math import gae, kl_estimate, normalize_scores, token_rewards
 
 
 def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
@@ -41,8 +41,10 @@ def make_experience(
     gamma: float,
     lam: float,
     reward_clip: float | None,
+    reward_scale: float = 1.0,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """value_parts: the critic ranks' values of their contiguous shares, in rank order."""
+    """value_parts: the critic ranks' values of their contiguous shares, in rank order.
+    Scores are divided by `reward_scale`, then clipped to ±reward_clip."""
     values = [v for part in value_parts for v in part]
     width = max(len(s["response_ids"]) for s in samples)
     mask = _pad([[1.0] * len(s["response_ids"]) for s in samples], width)  # (B, A)
@@ -50,7 +52,7 @@ def make_experience(
     ref = _pad(ref_logprobs, width)
     vals = _pad(values, width)
     raw = torch.tensor(scores, dtype=torch.float32)  # (B,)
-    score = raw if reward_clip is None else raw.clamp(-reward_clip, reward_clip)
+    score = normalize_scores(raw, reward_scale, reward_clip)
     kl = kl_estimate(logp, ref, estimator) * mask  # (B, A)
     rewards = token_rewards(score, kl, mask, beta)
     advantages, returns = gae(rewards, vals, mask, gamma, lam)
@@ -74,6 +76,7 @@ def make_experience(
         "samples": float(len(samples)),
         "tokens": float(mask.sum()),
         "score_sum": float(raw.sum()),
+        "score_sq_sum": float((raw.double() ** 2).sum()),
         "kl_sum": float(k1.sum()),
         "finished": float(sum(bool(s["finished"]) for s in samples)),
         "adv_sum": float((advantages * mask).sum()),

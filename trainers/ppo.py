@@ -47,7 +47,7 @@ from trainers.objectives import (
     sft_eval,
     value_objective,
 )
-from trainers.ppo_math import AdaptiveKLController, FixedKLController
+from trainers.ppo_math import AdaptiveKLController, FixedKLController, RunningMoments
 from trainers.tracking import Tracker, progress
 
 # Joining a chunk is a few tensor operations: it takes no CPU reservation, so it can run while
@@ -239,10 +239,12 @@ def iteration(
     roles: Roles,
     stream: PromptStream,
     kl: FixedKLController,
+    scores: RunningMoments,
     version: int,
     it: int,
 ) -> tuple[dict[str, float], list[Any]]:
-    """One PPO iteration; returns its figures and the refs of its experience chunks."""
+    """One PPO iteration; returns its figures and the refs of its experience chunks. `scores`
+    holds the running moments of the RM scores (used when ppo.normalize_reward is on)."""
     cfg = config.ppo
     pad_id = roles.pad_id
     timeout = config.learner.collective_timeout_s
@@ -270,9 +272,13 @@ def iteration(
             gamma=cfg.gamma,
             lam=cfg.lam,
             reward_clip=cfg.reward_clip,
+            reward_scale=max(scores.std, 1e-8) if cfg.normalize_reward else 1.0,
         )
     t_generated = time.perf_counter()
-    figures = summarize(ray.get(stats, timeout=timeout))
+    chunk_stats = ray.get(stats, timeout=timeout)
+    for c in chunk_stats:
+        scores.update_from_sums(c["samples"], c["score_sum"], c["score_sq_sum"])
+    figures = summarize(chunk_stats)
     t_scored = time.perf_counter()
 
     # 3. policy and critic train at the same time on the experience they fetch themselves
@@ -404,6 +410,7 @@ def train(
         else FixedKLController(cfg.kl.beta)
     )
     stream = PromptStream(inputs.prompts, config.seed)
+    moments = RunningMoments()
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     if restart:
         import shutil
@@ -424,6 +431,7 @@ def train(
         if latest is not None:
             state = checkpoints.load(latest, roles)
             kl.load_state_dict(state["kl"])
+            moments.load_state_dict(state["reward_moments"])
             stream.epoch, stream.offset = state["stream"]
             stream._order = stream._shuffle()
             before, sft_demo_loss = state["before"], state["sft_demo_loss"]
@@ -437,7 +445,7 @@ def train(
         bar = progress(cfg.iterations, "ppo")
         bar.update(start)
         for it in range(start, cfg.iterations):
-            figures, experience = iteration(config, roles, stream, kl, it, it)
+            figures, experience = iteration(config, roles, stream, kl, moments, it, it)
             tokens += figures["tokens"]
             generate_seconds += figures["time/generate"]
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
@@ -447,6 +455,7 @@ def train(
                     {
                         "iteration": it + 1,
                         "kl": kl.state_dict(),
+                        "reward_moments": moments.state_dict(),
                         "stream": [stream.epoch, stream.offset],
                         "before": before,
                         "sft_demo_loss": sft_demo_loss,

@@ -192,7 +192,16 @@ class RunningMoments:
         if n == 0:
             return
         batch_mean = float(xs.double().mean())
-        batch_m2 = float(((xs.double() - batch_mean) ** 2).sum())
+        self.merge(n, batch_mean, float(((xs.double() - batch_mean) ** 2).sum()))
+
+    def update_from_sums(self, n: float, total: float, total_sq: float) -> None:
+        """Fold in a batch known only by its count, sum and sum of squares."""
+        if n == 0:
+            return
+        batch_mean = total / n
+        self.merge(n, batch_mean, max(total_sq - n * batch_mean**2, 0.0))
+
+    def merge(self, n: float, batch_mean: float, batch_m2: float) -> None:
         delta = batch_mean - self.mean
         total = self.count + n
         self.mean += delta * n / total
@@ -210,13 +219,10 @@ class RunningMoments:
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
-def normalize_scores(
-    scores: torch.Tensor, moments: RunningMoments | None, clip: float | None
-) -> torch.Tensor:
-    """RM scores scaled by the running std (not shifted: the RM is already zero-mean on the
-    demonstrations), then clipped to ±clip."""
-    if moments is not None:
-        scores = scores / max(moments.std, 1e-8)
+def normalize_scores(scores: torch.Tensor, scale: float, clip: float | None) -> torch.Tensor:
+    """RM scores divided by `scale` (a running std; not shifted: the RM is already zero-mean on
+    the demonstrations), then clipped to ±clip."""
+    scores = scores / scale
     if clip is not None:
         scores = scores.clamp(-clip, clip)
     return scores
