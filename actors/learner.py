@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from actors.busy import BusyClock
 from cluster import ActorGroup
 from cluster.groups import split_evenly
 
@@ -81,7 +82,7 @@ def _lr_lambda(opt: OptimSpec) -> Callable[[int], float]:
     return f
 
 
-class Learner:
+class Learner(BusyClock):
     """One rank. Create through `LearnerGroup`, which wires the ranks together."""
 
     def __init__(self, rank: int, world_size: int, torch_threads: int = 1) -> None:
@@ -234,7 +235,7 @@ class Learner:
 
         share = split_evenly(items, self.world_size)[self.rank]
         self.engine.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.busy():
             return _to_cpu(fn(self.engine, share))
 
     # -- weights -----------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from actors.busy import BusyClock
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -35,7 +37,7 @@ class Sampling:
     top_p: float = 1.0
 
 
-class RolloutEngine:
+class RolloutEngine(BusyClock):
     """One vLLM engine. Create through an `ActorGroup` (SPREAD over nodes)."""
 
     def __init__(self, rank: int, world_size: int, config: EngineConfig) -> None:
@@ -88,9 +90,10 @@ class RolloutEngine:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
-        )
+        with self.busy():
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+            )
         samples = []
         for prompt, out in zip(prompts, outputs, strict=True):
             completion = out.outputs[0]

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from actors.batching import pack, response_logprobs, unpack_rows
+from actors.busy import BusyClock
 
 
-class _Frozen:
+class _Frozen(BusyClock):
     def __init__(self, path: str, kind: str, torch_threads: int, batch_size: int) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -47,7 +48,7 @@ class RewardModel(_Frozen):
         import torch
 
         scores: list[float] = []
-        with torch.no_grad():
+        with torch.no_grad(), self.busy():
             for b in self._batches(samples):
                 out = self.model(
                     input_ids=b["input_ids"],
@@ -70,7 +71,7 @@ class ReferencePolicy(_Frozen):
         import torch
 
         rows: list[list[float]] = []
-        with torch.no_grad():
+        with torch.no_grad(), self.busy():
             for b in self._batches(samples):
                 logits = self.model(
                     input_ids=b["input_ids"],

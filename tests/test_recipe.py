@@ -116,6 +116,10 @@ def test_stage_folders_and_wandb_run(demo_run) -> None:
         "ppo/time/weight_sync",
         "ppo/tokens_per_second",
         "ppo/weight_version_lag",
+        "ppo/time/rollout_busy",
+        "ppo/time/reward_busy",
+        "ppo/time/reference_busy",
+        "ppo/time/critic_forward_busy",
     ]
     for row in ppo_rows:
         for key in keys:

@@ -320,6 +320,14 @@ def iteration(
     roles.engines.get(roles.engines.submit("load_weights", weights, version + 1), "load_weights")
     t_synced = time.perf_counter()
 
+    # the roles that overlap with generation report their own working time (the busiest rank)
+    for name, group in (
+        ("rollout", roles.engines),
+        ("reward", roles.reward),
+        ("reference", roles.reference),
+        ("critic_forward", roles.critic.group),
+    ):
+        figures[f"time/{name}_busy"] = max(group.call("take_busy_seconds"))
     lag = version - figures.pop("oldest_version")
     beta = kl.beta
     kl.update(figures["kl"], n)
