@@ -29,11 +29,10 @@ from actors.learner import LearnerGroup, ModelSpec
 from actors.rollout import EngineConfig, RolloutEngine, Sampling
 from actors.scorers import ReferencePolicy, RewardModel
 from cluster import ActorGroup
-from trainers.common import evaluate, learner_group, optim_spec
+from trainers.common import learner_group, optim_spec
 from trainers.config import RunConfig
 from trainers.data import (
     Limits,
-    collate_sft,
     encode_demonstrations,
     encode_prompts,
     read,
@@ -44,10 +43,10 @@ from trainers.objectives import (
     policy_batch,
     ppo_objective,
     sample_values,
-    sft_eval,
     value_objective,
 )
 from trainers.ppo_math import AdaptiveKLController, FixedKLController, RunningMoments
+from trainers.sft import demonstration_loss
 from trainers.tracking import Tracker, progress
 
 # Joining a chunk is a few tensor operations: it takes no CPU reservation, so it can run while
@@ -164,28 +163,8 @@ class Roles:
                 },
             )
         )
-        self.reward = self._add(
-            ActorGroup(
-                RewardModel,
-                1,
-                name="reward",
-                num_cpus=config.reward.cpus,
-                num_gpus=config.reward.gpus,
-                call_timeout_s=config.learner.collective_timeout_s,
-                actor_kwargs={"path": inputs.reward_model, "batch_size": config.reward.batch_size},
-            )
-        )
-        self.reference = self._add(
-            ActorGroup(
-                ReferencePolicy,
-                1,
-                name="reference",
-                num_cpus=config.reference.cpus,
-                num_gpus=config.reference.gpus,
-                call_timeout_s=config.learner.collective_timeout_s,
-                actor_kwargs={"path": inputs.policy, "batch_size": config.reference.batch_size},
-            )
-        )
+        self.reward = self._scorer(RewardModel, "reward", config, inputs.reward_model)
+        self.reference = self._scorer(ReferencePolicy, "reference", config, inputs.policy)
         self.policy: LearnerGroup = self._add(learner_group(config, "policy", cfg.minibatch_size))
         critic_config = config.model_copy(update={"learner": cfg.critic})
         self.critic: LearnerGroup = self._add(
@@ -199,6 +178,21 @@ class Roles:
         self.ptx_ref = ray.put(inputs.ptx)
         self.ptx_size = len(inputs.ptx)
         self.pad_id = int(inputs.tokenizer.pad_token_id)
+
+    def _scorer(self, cls: type, name: str, config: RunConfig, path: str) -> ActorGroup:
+        """One frozen scorer actor, sized by the config section of the same name."""
+        role = getattr(config, name)
+        return self._add(
+            ActorGroup(
+                cls,
+                1,
+                name=name,
+                num_cpus=role.cpus,
+                num_gpus=role.gpus,
+                call_timeout_s=config.learner.collective_timeout_s,
+                actor_kwargs={"path": path, "batch_size": role.batch_size},
+            )
+        )
 
     def _add(self, group: Any) -> Any:
         self.groups.append(group)
@@ -383,15 +377,7 @@ def sample_policy(
 
 def demo_loss(roles: Roles, inputs: PPOInputs, batch_size: int) -> float:
     """The policy's NLL per token on held-out demonstrations (the alignment tax's measure)."""
-    pad = inputs.tokenizer.pad_token_id
-    rows = evaluate(
-        roles.policy,
-        sft_eval,
-        inputs.heldout_demos,
-        partial(collate_sft, pad_id=pad, normalizer=1),
-        batch_size,
-    )
-    return sum(float(r[0]) for r in rows) / sum(float(r[1]) for r in rows)
+    return demonstration_loss(roles.policy, inputs.heldout_demos, roles.pad_id, batch_size)
 
 
 def _mean(xs: list[float]) -> float:

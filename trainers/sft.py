@@ -50,15 +50,17 @@ def prepare(
     return inputs
 
 
+def demonstration_loss(
+    group: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int
+) -> float:
+    """The group's model's mean NLL per response token over encoded demonstrations."""
+    collate = partial(collate_sft, pad_id=pad_id, normalizer=1)
+    rows = evaluate(group, sft_eval, examples, collate, batch_size)
+    return sum(float(r[0]) for r in rows) / sum(float(r[1]) for r in rows)
+
+
 def heldout_loss(group: Any, inputs: SFTInputs, batch_size: int) -> float:
-    """Mean NLL per response token over the held-out demonstrations."""
-    pad = inputs.tokenizer.pad_token_id
-    rows = evaluate(
-        group, sft_eval, inputs.heldout, partial(collate_sft, pad_id=pad, normalizer=1), batch_size
-    )
-    nll = sum(float(r[0]) for r in rows)
-    tokens = sum(float(r[1]) for r in rows)
-    return nll / tokens
+    return demonstration_loss(group, inputs.heldout, inputs.tokenizer.pad_token_id, batch_size)
 
 
 def train(
