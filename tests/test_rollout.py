@@ -43,7 +43,7 @@ def engine(ray_cluster, small_task: Path):
 
 
 def test_engine_samples_with_logprobs_that_the_reference_agrees_with(engine, small_task, prompts):
-    [samples] = engine.call("generate", prompts, Sampling(max_new_tokens=12, seed=1))
+    [samples] = engine.call("generate", prompts, Sampling(max_new_tokens=12))
     assert len(samples) == len(prompts)
     assert all(s["prompt_ids"] == p for s, p in zip(samples, prompts, strict=True))
     assert all(1 <= len(s["response_ids"]) <= 12 for s in samples)
@@ -92,12 +92,13 @@ def test_weights_sent_from_the_learner_are_the_engines_weights(engine, small_tas
             policy.train_step(
                 sft_objective, [collate_sft(s, 0, tokens) for s in split_evenly(demos, 2)]
             )
+        sequences = [d["input_ids"] for d in demos[:3]]
+        [before] = engine.call("sequence_logprobs", sequences)
+        # the weights are owned by the policy's rank 0: sent while the group lives, as in PPO
         state_ref = policy.publish_weights()
         state = ray.get(state_ref)
-    sequences = [d["input_ids"] for d in demos[:3]]
-    [before] = engine.call("sequence_logprobs", sequences)
-    assert engine.call("load_weights", state_ref, 1) == [1]
-    [after] = engine.call("sequence_logprobs", sequences)
+        assert engine.call("load_weights", state_ref, 1) == [1]
+        [after] = engine.call("sequence_logprobs", sequences)
     model = AutoModelForCausalLM.from_pretrained(small_task / "base_model")
     model.load_state_dict(state)
     with torch.no_grad():
