@@ -257,3 +257,18 @@ def test_a_killed_ppo_run_resumes_from_its_checkpoint(demo_run, tmp_path: Path) 
     assert summary["ppo"]["iterations"] == 4
     assert latest.read_text().strip() == "iter-000004"
     assert sorted(p.name for p in latest.parent.glob("iter-*")) == ["iter-000002", "iter-000004"]
+
+
+@pytest.mark.integration
+def test_cli_refuses_a_batch_larger_than_the_data(tmp_path: Path) -> None:
+    result = _cli(
+        "run",
+        "configs/tiny.yaml",
+        f"output_dir={tmp_path}",
+        "sft.batch_size=400",
+        "task.train_prompts=64",
+        "task.heldout_prompts=16",
+        "wandb.mode=disabled",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "sft.batch_size (400) is larger than the 64 usable demonstrations" in result.stderr

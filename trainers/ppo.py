@@ -32,6 +32,7 @@ from cluster import ActorGroup
 from trainers.common import learner_group, optim_spec
 from trainers.config import RunConfig
 from trainers.data import (
+    DataError,
     Limits,
     encode_demonstrations,
     encode_prompts,
@@ -102,7 +103,7 @@ def prepare(
         ),
     )
     if len(inputs.prompts) < config.ppo.rollout_batch:
-        raise ValueError(
+        raise DataError(
             f"ppo.rollout_batch ({config.ppo.rollout_batch}) is larger than the "
             f"{len(inputs.prompts)} usable prompts in {prompts}"
         )

@@ -23,6 +23,7 @@ from cluster.groups import split_evenly
 from trainers.common import evaluate, learner_group, optim_spec
 from trainers.config import RunConfig
 from trainers.data import (
+    DataError,
     Limits,
     collate_comparisons,
     collate_sft,
@@ -71,7 +72,7 @@ def prepare(
     kept = {e["where"] for e in inputs.heldout}
     inputs.heldout_texts = [r for r in held_ds if r["where"] in kept]
     if len(inputs.train) < config.rm.batch_size:
-        raise ValueError(
+        raise DataError(
             f"rm.batch_size ({config.rm.batch_size}) is larger than the {len(inputs.train)} "
             f"usable comparisons in {train}"
         )

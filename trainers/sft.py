@@ -12,6 +12,7 @@ from cluster.groups import split_evenly
 from trainers.common import evaluate, learner_group, optim_spec
 from trainers.config import RunConfig
 from trainers.data import (
+    DataError,
     Limits,
     collate_sft,
     encode_demonstrations,
@@ -43,7 +44,7 @@ def prepare(
         heldout=enc(read(heldout, "demonstrations", "sft.heldout_data")),
     )
     if len(inputs.train) < config.sft.batch_size:
-        raise ValueError(
+        raise DataError(
             f"sft.batch_size ({config.sft.batch_size}) is larger than the {len(inputs.train)} "
             f"usable demonstrations in {train}"
         )
