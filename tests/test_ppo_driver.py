@@ -19,8 +19,7 @@ def test_prompt_stream_visits_every_prompt_once_per_pass_and_resumes_exactly() -
     assert sorted(first) == list(range(10))
     taken = [p["i"] for p in stream.take(7)]
     restored = PromptStream(prompts, seed=3)
-    restored.epoch, restored.offset = stream.epoch, stream.offset
-    restored._order = restored._shuffle()
+    restored.restore(stream.state())
     assert [p["i"] for p in stream.take(9)] == [p["i"] for p in restored.take(9)]
     assert taken != first[:7]  # a new order each pass
 

@@ -124,6 +124,14 @@ class PromptStream:
         random.Random(self.seed * 7919 + self.epoch).shuffle(order)
         return order
 
+    def state(self) -> list[int]:
+        """[epoch, offset]: all that a checkpoint needs to continue the stream."""
+        return [self.epoch, self.offset]
+
+    def restore(self, state: list[int]) -> None:
+        self.epoch, self.offset = state
+        self._order = self._shuffle()
+
     def take(self, n: int) -> list[dict[str, Any]]:
         out = []
         while len(out) < n:
@@ -427,8 +435,7 @@ def train(
             state = checkpoints.load(latest, roles)
             kl.load_state_dict(state["kl"])
             moments.load_state_dict(state["reward_moments"])
-            stream.epoch, stream.offset = state["stream"]
-            stream._order = stream._shuffle()
+            stream.restore(state["stream"])
             before, sft_demo_loss = state["before"], state["sft_demo_loss"]
             start, tokens = state["iteration"], state["tokens"]
             generate_seconds, started = state["generate_seconds"], started - state["seconds"]
@@ -451,7 +458,7 @@ def train(
                         "iteration": it + 1,
                         "kl": kl.state_dict(),
                         "reward_moments": moments.state_dict(),
-                        "stream": [stream.epoch, stream.offset],
+                        "stream": stream.state(),
                         "before": before,
                         "sft_demo_loss": sft_demo_loss,
                         "tokens": tokens,
