@@ -257,8 +257,7 @@ def iteration(
     t0 = time.perf_counter()
 
     # 1-2. generate in chunks; each chunk goes on to reward, reference and critic when it is done
-    pending = generate(roles, stream.take(cfg.rollout_batch), sampling, config.rollout.chunk_size)
-    index = dict(pending)
+    index = generate(roles, stream.take(cfg.rollout_batch), sampling, config.rollout.chunk_size)
     experience: list[Any] = [None] * len(index)
     stats: list[Any] = [None] * len(index)
     waiting = list(index)
