@@ -28,7 +28,7 @@ import ray
 from actors.learner import LearnerGroup, ModelSpec
 from actors.rollout import EngineConfig, RolloutEngine, Sampling
 from actors.scorers import ReferencePolicy, RewardModel
-from cluster import ActorGroup
+from cluster import ActorGroup, RemoteCallError
 from trainers.common import learner_group, optim_spec
 from trainers.config import RunConfig
 from trainers.data import (
@@ -262,7 +262,13 @@ def iteration(
     stats: list[Any] = [None] * len(index)
     waiting = list(index)
     while waiting:
-        [done], waiting = ray.wait(waiting, num_returns=1, timeout=timeout)
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=timeout)
+        if not ready:
+            raise RemoteCallError(
+                f"rollout: no chunk finished within {timeout:.0f} s ({len(waiting)} of "
+                f"{len(index)} chunks still generating)"
+            )
+        [done] = ready
         i = index[done]
         experience[i], stats[i] = _make_experience.options(num_returns=2).remote(
             done,
