@@ -12,7 +12,7 @@ import torch
 
 from actors.learner import EngineSpec, LearnerGroup, OptimSpec
 from cluster.groups import split_evenly
-from trainers.config import OptimConfig, RunConfig
+from trainers.config import LearnerConfig, OptimConfig
 from trainers.data import DataError, check_tokenizer
 
 
@@ -58,21 +58,20 @@ def check_model_folder(path: str | Path, field: str, *, reward: bool = False) ->
     return tokenizer
 
 
-def resolve_backend(config: RunConfig) -> str:
-    learner = config.learner
+def resolve_backend(learner: LearnerConfig) -> str:
     if learner.backend != "auto":
         return learner.backend
     return "nccl" if learner.gpus_per_rank > 0 else "gloo"
 
 
-def learner_group(config: RunConfig, name: str, batch_size: int) -> LearnerGroup:
-    learner = config.learner
+def learner_group(learner: LearnerConfig, seed: int, name: str, batch_size: int) -> LearnerGroup:
+    """A DeepSpeed group sized and placed by a learner section (`learner`, `ppo.critic`)."""
     engine = EngineSpec(
         zero_stage=learner.zero_stage,
-        backend=resolve_backend(config),
+        backend=resolve_backend(learner),
         dtype=learner.dtype,
         torch_threads=learner.torch_threads,
-        seed=config.seed,
+        seed=seed,
         collective_timeout_s=learner.collective_timeout_s,
         micro_batch=batch_size // learner.ranks,
     )

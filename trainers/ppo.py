@@ -174,10 +174,11 @@ class Roles:
         )
         self.reward = self._scorer(RewardModel, "reward", config, inputs.reward_model)
         self.reference = self._scorer(ReferencePolicy, "reference", config, inputs.policy)
-        self.policy: LearnerGroup = self._add(learner_group(config, "policy", cfg.minibatch_size))
-        critic_config = config.model_copy(update={"learner": cfg.critic})
+        self.policy: LearnerGroup = self._add(
+            learner_group(config.learner, config.seed, "policy", cfg.minibatch_size)
+        )
         self.critic: LearnerGroup = self._add(
-            learner_group(critic_config, "critic", cfg.minibatch_size)
+            learner_group(cfg.critic, config.seed, "critic", cfg.minibatch_size)
         )
         steps = cfg.iterations * cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
         self.policy.build(ModelSpec(inputs.policy), optim_spec(cfg.policy_optim, steps))
