@@ -149,6 +149,19 @@ class Limits:
     max_seq_len: int
     on_too_long: str = "error"
 
+    @classmethod
+    def of(cls, data: Any) -> Limits:
+        """The limits of the run config's `data` section."""
+        return cls(data.max_prompt_tokens, data.max_seq_len, data.on_too_long)
+
+
+def require_batch(field: str, batch: int, examples: list[Any], what: str, path: str) -> None:
+    """A stage's batch must fit in its data: `field` names the setting, `path` the file."""
+    if len(examples) < batch:
+        raise DataError(
+            f"{field} ({batch}) is larger than the {len(examples)} usable {what} in {path}"
+        )
+
 
 def _enforce(too_long: list[str], total: int, limits: Limits, what: str, log: Any) -> None:
     if not too_long:

@@ -32,11 +32,11 @@ from cluster import ActorGroup, RemoteCallError
 from trainers.common import learner_group, optim_spec
 from trainers.config import RunConfig
 from trainers.data import (
-    DataError,
     Limits,
     encode_demonstrations,
     encode_prompts,
     read,
+    require_batch,
 )
 from trainers.experience import make_experience, summarize
 from trainers.objectives import (
@@ -81,8 +81,7 @@ def prepare(
     log: Any = print,
 ) -> PPOInputs:
     """Read and encode the prompts and demonstrations (before Ray starts)."""
-    d = config.data
-    limits = Limits(d.max_prompt_tokens, d.max_seq_len, d.on_too_long)
+    limits = Limits.of(config.data)
     inputs = PPOInputs(
         policy=policy,
         reward_model=reward_model,
@@ -102,11 +101,7 @@ def prepare(
             log,
         ),
     )
-    if len(inputs.prompts) < config.ppo.rollout_batch:
-        raise DataError(
-            f"ppo.rollout_batch ({config.ppo.rollout_batch}) is larger than the "
-            f"{len(inputs.prompts)} usable prompts in {prompts}"
-        )
+    require_batch("ppo.rollout_batch", config.ppo.rollout_batch, inputs.prompts, "prompts", prompts)
     return inputs
 
 

@@ -23,13 +23,13 @@ from cluster.groups import split_evenly
 from trainers.common import evaluate, learner_group, optim_spec
 from trainers.config import RunConfig
 from trainers.data import (
-    DataError,
     Limits,
     collate_comparisons,
     collate_sft,
     encode_comparisons,
     encode_demonstrations,
     read,
+    require_batch,
     shuffled_batches,
 )
 from trainers.losses import pairwise_accuracy
@@ -56,7 +56,7 @@ def prepare(
     tokenizer: Any,
     log: Any = print,
 ) -> RMInputs:
-    limits = Limits(config.data.max_prompt_tokens, config.data.max_seq_len, config.data.on_too_long)
+    limits = Limits.of(config.data)
     enc = partial(encode_comparisons, tokenizer=tokenizer, limits=limits, log=log)
     held_ds = read(heldout, "comparisons", "rm.heldout_data")
     inputs = RMInputs(
@@ -71,11 +71,7 @@ def prepare(
     )
     kept = {e["where"] for e in inputs.heldout}
     inputs.heldout_texts = [r for r in held_ds if r["where"] in kept]
-    if len(inputs.train) < config.rm.batch_size:
-        raise DataError(
-            f"rm.batch_size ({config.rm.batch_size}) is larger than the {len(inputs.train)} "
-            f"usable comparisons in {train}"
-        )
+    require_batch("rm.batch_size", config.rm.batch_size, inputs.train, "comparisons", train)
     return inputs
 
 

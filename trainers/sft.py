@@ -12,11 +12,11 @@ from cluster.groups import split_evenly
 from trainers.common import evaluate, learner_group, optim_spec
 from trainers.config import RunConfig
 from trainers.data import (
-    DataError,
     Limits,
     collate_sft,
     encode_demonstrations,
     read,
+    require_batch,
     shuffled_batches,
 )
 from trainers.objectives import sft_eval, sft_objective
@@ -35,19 +35,16 @@ def prepare(
     config: RunConfig, model: str, train: str, heldout: str, tokenizer: Any, log: Any = print
 ) -> SFTInputs:
     """Read and encode the demonstrations (every problem is found here, before Ray starts)."""
-    limits = Limits(config.data.max_prompt_tokens, config.data.max_seq_len, config.data.on_too_long)
-    enc = partial(encode_demonstrations, tokenizer=tokenizer, limits=limits, log=log)
+    enc = partial(
+        encode_demonstrations, tokenizer=tokenizer, limits=Limits.of(config.data), log=log
+    )
     inputs = SFTInputs(
         model=model,
         tokenizer=tokenizer,
         train=enc(read(train, "demonstrations", "sft.train_data")),
         heldout=enc(read(heldout, "demonstrations", "sft.heldout_data")),
     )
-    if len(inputs.train) < config.sft.batch_size:
-        raise DataError(
-            f"sft.batch_size ({config.sft.batch_size}) is larger than the {len(inputs.train)} "
-            f"usable demonstrations in {train}"
-        )
+    require_batch("sft.batch_size", config.sft.batch_size, inputs.train, "demonstrations", train)
     return inputs
 
 
