@@ -133,27 +133,26 @@ def run(
     plain = to_dict(config)
     shared = {"data": plain["data"], "learner": plain["learner"], "seed": config.seed}
     inputs: dict[str, Any] = {}
-    if "sft" in config.stages:
-        tok = check_model_folder(paths.sft_model, "sft.model")
+    # When this run trains SFT, the later stages start from its output, which does not exist
+    # yet: their tokenizer is the SFT stage's input tokenizer.
+    sft_tok = check_model_folder(paths.sft_model, "sft.model") if "sft" in config.stages else None
+    if sft_tok is not None:
         inputs["sft"] = sft.prepare(
-            config, paths.sft_model, paths.sft_train, paths.sft_heldout, tok, log
+            config, paths.sft_model, paths.sft_train, paths.sft_heldout, sft_tok, log
         )
     if "rm" in config.stages:
-        # The RM starts from this run's SFT model, which may not exist yet: then its tokenizer
-        # is the SFT stage's input tokenizer.
         tok = (
-            check_model_folder(paths.sft_model, "sft.model")
-            if config.rm.model is None and "sft" in config.stages
+            sft_tok
+            if config.rm.model is None and sft_tok is not None
             else check_model_folder(paths.rm_model, "rm.model", reward=True)
         )
         inputs["rm"] = rm.prepare(
             config, paths.rm_model, paths.rm_train, paths.rm_heldout, paths.rm_normalize, tok, log
         )
     if "ppo" in config.stages:
-        # the policy is this run's SFT model unless named: its tokenizer is the SFT input's
         tok = (
-            check_model_folder(paths.sft_model, "sft.model")
-            if config.ppo.policy is None and "sft" in config.stages
+            sft_tok
+            if config.ppo.policy is None and sft_tok is not None
             else check_model_folder(paths.ppo_policy, "ppo.policy")
         )
         inputs["ppo"] = ppo.prepare(
