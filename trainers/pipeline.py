@@ -123,14 +123,14 @@ def run(
     started = time.time()
     paths = resolve_paths(config)
     paths.run.mkdir(parents=True, exist_ok=True)
-    (paths.run / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    plain = to_dict(config)
+    (paths.run / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
     labeler = None
     if config.task is not None:
         ensure_task(config.task, paths.task, log)
         labeler = labeler_score
 
     # -- check every input before Ray starts --------------------------------------------------
-    plain = to_dict(config)
     shared = {"data": plain["data"], "learner": plain["learner"], "seed": config.seed}
     inputs: dict[str, Any] = {}
     # When this run trains SFT, the later stages start from its output, which does not exist
