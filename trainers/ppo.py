@@ -184,6 +184,11 @@ class Roles:
         self.ptx_size = len(inputs.ptx)
         self.pad_id = int(inputs.tokenizer.pad_token_id)
 
+    def sync_weights(self, version: int) -> None:
+        """The policy's weights to every engine (through the object store), as `version`."""
+        weights = self.policy.publish_weights()
+        self.engines.get(self.engines.submit("load_weights", weights, version), "load_weights")
+
     def _scorer(self, cls: type, name: str, config: RunConfig, path: str) -> ActorGroup:
         """One frozen scorer actor, sized by the config section of the same name."""
         role = getattr(config, name)
@@ -320,8 +325,7 @@ def iteration(
     t_trained = time.perf_counter()
 
     # 4. the new weights go to every engine
-    weights = roles.policy.publish_weights()
-    roles.engines.get(roles.engines.submit("load_weights", weights, version + 1), "load_weights")
+    roles.sync_weights(version + 1)
     t_synced = time.perf_counter()
 
     # the roles that overlap with generation report their own working time (the busiest rank)
@@ -568,10 +572,7 @@ class Checkpoints:
         driver = json.loads((folder / "driver.json").read_text())
         roles.policy.load_checkpoint(folder / "policy")
         roles.critic.load_checkpoint(folder / "critic")
-        weights = roles.policy.publish_weights()
-        roles.engines.get(
-            roles.engines.submit("load_weights", weights, driver["iteration"]), "load_weights"
-        )
+        roles.sync_weights(driver["iteration"])
         return dict(driver)
 
 
