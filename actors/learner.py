@@ -325,8 +325,12 @@ class LearnerGroup:
         engine: EngineSpec,
         cpus_per_rank: float = 1.0,
         gpus_per_rank: float = 0.0,
+        memory_gb_per_rank: float = 0.0,
+        resources_per_rank: dict[str, float] | None = None,
         placement_timeout_s: float = 120.0,
+        autoscaling_timeout_s: float | None = None,
         call_timeout_s: float = 600.0,
+        log: Callable[[str], None] = print,
     ) -> None:
         self.name = name
         self.group = ActorGroup(
@@ -335,9 +339,13 @@ class LearnerGroup:
             name=name,
             num_cpus=cpus_per_rank,
             num_gpus=gpus_per_rank,
+            memory_gb=memory_gb_per_rank,
+            resources=resources_per_rank,
             strategy="PACK",
             placement_timeout_s=placement_timeout_s,
+            autoscaling_timeout_s=autoscaling_timeout_s,
             call_timeout_s=call_timeout_s,
+            log=log,
             actor_kwargs={"torch_threads": engine.torch_threads},
         )
         try:

@@ -5,16 +5,26 @@ learner ranks, SPREAD for engines), and calls a method on every rank, either wit
 arguments or with one slice per rank (each slice is put in the object store on its own, so a rank
 fetches only its share). Every call has a deadline: a rank that does not answer in time is named
 in the error instead of hanging the run.
+
+Placement fails fast when no node of the cluster could ever host a rank (or the whole cluster
+could not host the group), listing what was asked and what each node has. On a cluster with an
+autoscaler (`autoscaling_timeout_s` set) the group instead waits for new nodes, saying so, up to
+that timeout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
@@ -26,12 +36,32 @@ class RemoteCallError(RuntimeError):
     """A call on a rank failed or missed its deadline; names the group, rank and method."""
 
 
-def _bundle(num_cpus: float, num_gpus: float, extra: dict[str, float] | None) -> dict[str, float]:
+GiB = 1024**3
+
+
+def _bundle(
+    num_cpus: float, num_gpus: float, memory_gb: float, extra: dict[str, float] | None
+) -> dict[str, float]:
     bundle = {"CPU": float(num_cpus)}
     if num_gpus:
         bundle["GPU"] = float(num_gpus)
+    if memory_gb:
+        bundle["memory"] = float(int(memory_gb * GiB))
     bundle.update(extra or {})
     return bundle
+
+
+def _fits(bundle: dict[str, float], have: dict[str, float]) -> bool:
+    return all(have.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """The cluster's live nodes: [{node_id, ip, resources}]."""
+    return [
+        {"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "resources": n["Resources"]}
+        for n in ray.nodes()
+        if n["Alive"]
+    ]
 
 
 class ActorGroup:
@@ -45,28 +75,43 @@ class ActorGroup:
         name: str,
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
+        memory_gb: float = 0.0,
         resources: dict[str, float] | None = None,
         strategy: str = "PACK",
         placement_timeout_s: float = 120.0,
+        autoscaling_timeout_s: float | None = None,
         call_timeout_s: float | None = 600.0,
         actor_kwargs: dict[str, Any] | None = None,
         env_vars: dict[str, str] | None = None,
+        log: Callable[[str], None] = print,
     ) -> None:
         self.name = name
         self.n = n
         self.call_timeout_s = call_timeout_s
-        bundle = _bundle(num_cpus, num_gpus, resources)
-        self._check_feasible(bundle, n)
-        self.placement_group = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
-        if not self.placement_group.wait(timeout_seconds=placement_timeout_s):
+        self.bundle = _bundle(num_cpus, num_gpus, memory_gb, resources)
+        fits_now = self._check_feasible(
+            self.bundle, n, autoscaling=autoscaling_timeout_s is not None
+        )
+        self.placement_group = placement_group(
+            [dict(self.bundle) for _ in range(n)], strategy=strategy
+        )
+        if fits_now or autoscaling_timeout_s is None:
+            placed = self.placement_group.wait(timeout_seconds=placement_timeout_s)
+            waited = placement_timeout_s
+        else:
+            waited = autoscaling_timeout_s
+            placed = self._wait_for_autoscaler(autoscaling_timeout_s, log)
+        if not placed:
             remove_placement_group(self.placement_group)
             raise PlacementError(
-                f"{name}: {n} × {bundle} could not be placed within {placement_timeout_s:.0f} s; "
+                f"{name}: {n} × {_fmt(self.bundle)} could not be placed within {waited:.0f} s; "
                 f"the cluster has {_fmt(ray.cluster_resources())}, free now "
                 f"{_fmt(ray.available_resources())}"
             )
         remote_cls = ray.remote(actor_cls)
         options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if memory_gb:
+            options["memory"] = int(memory_gb * GiB)
         if resources:
             options["resources"] = resources
         if env_vars:
@@ -81,15 +126,63 @@ class ActorGroup:
             for rank in range(n)
         ]
 
-    def _check_feasible(self, bundle: dict[str, float], n: int) -> None:
+    def _check_feasible(self, bundle: dict[str, float], n: int, autoscaling: bool) -> bool:
+        """True if the cluster as it is could host the group. False if it could not but an
+        autoscaler may add nodes; without one, a PlacementError that lists asked and existing."""
+        nodes = alive_nodes()
         total = ray.cluster_resources()
-        short = {k: v * n for k, v in bundle.items() if v * n > total.get(k, 0.0) + 1e-9}
-        if short:
-            raise PlacementError(
-                f"{self.name}: needs {n} × {bundle} = {_fmt({k: v * n for k, v in bundle.items()})}"
-                f" but the whole cluster has {_fmt(total)}; lower the group's size or its "
-                "resources per rank, or add nodes"
+        asked = {k: v * n for k, v in bundle.items()}
+        one_node = any(_fits(bundle, node["resources"]) for node in nodes)
+        if one_node and _fits(asked, total):
+            return True
+        if autoscaling:
+            return False
+        listing = "; ".join(f"{node['ip']} {_fmt(node['resources'])}" for node in nodes)
+        problem = (
+            f"no node can host one rank of {_fmt(bundle)}"
+            if not one_node
+            else f"the whole cluster has {_fmt(total)}"
+        )
+        raise PlacementError(
+            f"{self.name}: needs {n} × {_fmt(bundle)} = {_fmt(asked)} but {problem}. "
+            f"Nodes: {listing}. Lower the group's size or its resources per rank, add nodes, or "
+            "set ray.autoscaling if the cluster has an autoscaler"
+        )
+
+    def _wait_for_autoscaler(self, timeout_s: float, log: Callable[[str], None]) -> bool:
+        log(
+            f"{self.name}: {self.n} × {_fmt(self.bundle)} does not fit the cluster as it is "
+            f"({_fmt(ray.cluster_resources())}); waiting up to {timeout_s:.0f} s for the "
+            "autoscaler to add nodes"
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.placement_group.wait(timeout_seconds=min(30.0, deadline - time.monotonic())):
+                log(
+                    f"{self.name}: placed after the cluster grew to {_fmt(ray.cluster_resources())}"
+                )
+                return True
+            left = deadline - time.monotonic()
+            if left > 0:
+                log(f"{self.name}: still waiting for nodes ({left:.0f} s left)")
+        return False
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Where each rank runs: [{rank, node_id, ip, node_resources}], in rank order."""
+        by_bundle = placement_group_table(self.placement_group)["bundles_to_node_id"]
+        info = {node["node_id"]: node for node in alive_nodes()}
+        out = []
+        for rank in range(self.n):
+            node = info.get(by_bundle[rank], {"ip": "?", "resources": {}})
+            out.append(
+                {
+                    "rank": rank,
+                    "node_id": by_bundle[rank],
+                    "ip": node["ip"],
+                    "node_resources": _custom(node["resources"]),
+                }
             )
+        return out
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -147,9 +240,24 @@ class ActorGroup:
         self.shutdown()
 
 
-def _fmt(resources: dict[str, float]) -> str:
-    keep = {k: v for k, v in resources.items() if not k.startswith(("node:", "memory", "object"))}
+def _custom(resources: dict[str, float]) -> dict[str, float]:
+    """A node's resources as a user names them: without Ray's per-node and store entries."""
+    return {
+        k: v
+        for k, v in resources.items()
+        if not k.startswith(("node:", "object_store", "accelerator_type:")) and k != "memory"
+    }
+
+
+def format_resources(resources: dict[str, float]) -> str:
+    """Resources as a user reads them: `{CPU: 2, GPU: 1, rollout_node: 1}`."""
+    keep = _custom(resources)
+    if resources.get("memory"):
+        keep["memory_gb"] = round(resources["memory"] / GiB, 1)
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(keep.items())) + "}"
+
+
+_fmt = format_resources  # the short name, for messages
 
 
 def split_evenly(items: Sequence[Any], n: int) -> list[list[Any]]:

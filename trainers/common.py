@@ -12,7 +12,7 @@ import torch
 
 from actors.learner import EngineSpec, LearnerGroup, OptimSpec
 from cluster.groups import split_evenly
-from trainers.config import LearnerConfig, OptimConfig
+from trainers.config import LearnerConfig, OptimConfig, RayConfig
 from trainers.data import DataError, check_tokenizer
 
 
@@ -64,7 +64,14 @@ def resolve_backend(learner: LearnerConfig) -> str:
     return "nccl" if learner.gpus_per_rank > 0 else "gloo"
 
 
-def learner_group(learner: LearnerConfig, seed: int, name: str, batch_size: int) -> LearnerGroup:
+def learner_group(
+    learner: LearnerConfig,
+    seed: int,
+    name: str,
+    batch_size: int,
+    cluster: RayConfig,
+    log: Callable[[str], None] = print,
+) -> LearnerGroup:
     """A DeepSpeed group sized and placed by a learner section (`learner`, `ppo.critic`)."""
     engine = EngineSpec(
         zero_stage=learner.zero_stage,
@@ -81,9 +88,18 @@ def learner_group(learner: LearnerConfig, seed: int, name: str, batch_size: int)
         engine=engine,
         cpus_per_rank=learner.cpus_per_rank,
         gpus_per_rank=learner.gpus_per_rank,
+        memory_gb_per_rank=learner.memory_gb_per_rank,
+        resources_per_rank=learner.resources_per_rank,
         placement_timeout_s=learner.placement_timeout_s,
+        autoscaling_timeout_s=autoscaling_timeout(cluster),
         call_timeout_s=learner.collective_timeout_s,
+        log=log,
     )
+
+
+def autoscaling_timeout(cluster: RayConfig) -> float | None:
+    """How long a role waits for new nodes; None: the cluster does not grow, fail at once."""
+    return cluster.autoscaling_timeout_s if cluster.autoscaling else None
 
 
 def optim_spec(optim: OptimConfig, total_steps: int) -> OptimSpec:

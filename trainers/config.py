@@ -52,14 +52,34 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
+# Resources that have their own fields (cpus, gpus, memory_gb) and may not be given as custom ones.
+_BUILT_IN = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+def _check_resources(field: str, resources: dict[str, float]) -> None:
+    for key, value in resources.items():
+        if not key or key in _BUILT_IN:
+            raise ValueError(
+                f"{field}: {key!r} is not a custom resource (CPUs, GPUs and memory have their "
+                "own fields)"
+            )
+        if value <= 0:
+            raise ValueError(f"{field}: {key} must be > 0 (got {value})")
+
+
 class RayConfig(Section):
     address: str | None = None
-    """Ray cluster to join ("auto", "ray://host:10001" or "host:6379"); null starts a local cluster
-    for this run and stops it at the end"""
+    """Ray cluster to join ("auto" inside a Ray job or on a node of the cluster, or "host:6379");
+    null starts a local cluster for this run and stops it at the end"""
     num_cpus: int | None = Field(default=None, ge=1)
     """CPUs that a local cluster offers (null: this machine's count); only with address null"""
     include_dashboard: bool = False
     """start Ray's dashboard with a local cluster (bound to 127.0.0.1)"""
+    autoscaling: bool = False
+    """the cluster has an autoscaler (`ray up cluster.yaml`): a role that does not fit the nodes
+    there are now waits for new nodes (up to autoscaling_timeout_s) instead of failing at once"""
+    autoscaling_timeout_s: float = Field(default=900.0, gt=0)
+    """how long a role waits for the autoscaler to add the nodes it needs"""
 
     @model_validator(mode="after")
     def _local_only(self) -> RayConfig:
@@ -81,6 +101,11 @@ class LearnerConfig(Section):
     """Ray CPUs reserved for each rank (fractions allowed, to share cores between roles)"""
     gpus_per_rank: float = Field(default=0.0, ge=0)
     """Ray GPUs reserved for each rank (0 trains on the CPU)"""
+    memory_gb_per_rank: float = Field(default=0.0, ge=0)
+    """Ray memory (GiB) reserved for each rank (0: none reserved)"""
+    resources_per_rank: dict[str, float] = Field(default_factory=dict)
+    """custom Ray resources for each rank, e.g. {learner_node: 1} to place the ranks on the nodes
+    that offer it (cluster.yaml gives each node type such a resource)"""
     torch_threads: int = Field(default=1, ge=1)
     """torch intra-op threads in each rank; 1 avoids oversubscribing a small machine"""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -214,6 +239,10 @@ class RolloutConfig(Section):
     """Ray CPUs reserved for each engine"""
     gpus_per_engine: float = Field(default=0.0, ge=0)
     """Ray GPUs for each engine (0: vLLM's CPU engine)"""
+    memory_gb_per_engine: float = Field(default=0.0, ge=0)
+    """Ray memory (GiB) reserved for each engine (0: none reserved)"""
+    resources_per_engine: dict[str, float] = Field(default_factory=dict)
+    """custom Ray resources for each engine, e.g. {rollout_node: 1}"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """engine precision; float32 keeps its log-probs equal to the learner's"""
     kv_cache_gb: int = Field(default=1, ge=1)
@@ -230,6 +259,10 @@ class ScorerConfig(Section):
     """Ray CPUs reserved for the actor"""
     gpus: float = Field(default=0.0, ge=0)
     """Ray GPUs for the actor"""
+    memory_gb: float = Field(default=0.0, ge=0)
+    """Ray memory (GiB) reserved for the actor (0: none reserved)"""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """custom Ray resources for the actor, e.g. {cpu_node: 1}"""
     batch_size: int = Field(default=64, ge=1)
     """sequences per forward pass"""
 
@@ -382,6 +415,14 @@ class RunConfig(Section):
             )
         if self.rollout.chunk_size < self.ppo.critic.ranks:
             raise ValueError("rollout.chunk_size must be at least ppo.critic.ranks")
+        for field, resources in (
+            ("learner.resources_per_rank", self.learner.resources_per_rank),
+            ("ppo.critic.resources_per_rank", self.ppo.critic.resources_per_rank),
+            ("rollout.resources_per_engine", self.rollout.resources_per_engine),
+            ("reward.resources", self.reward.resources),
+            ("reference.resources", self.reference.resources),
+        ):
+            _check_resources(field, resources)
         if self.task is None:
             needs = {
                 "sft": ["model", "train_data", "heldout_data"],

@@ -16,6 +16,7 @@ bottom (`iteration`):
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from actors.learner import LearnerGroup, ModelSpec
 from actors.rollout import EngineConfig, RolloutEngine, Sampling
 from actors.scorers import ReferencePolicy, RewardModel
 from cluster import ActorGroup, RemoteCallError
-from trainers.common import learner_group, optim_spec
+from cluster.groups import format_resources
+from trainers.common import autoscaling_timeout, learner_group, optim_spec
 from trainers.config import RunConfig
 from trainers.data import (
     Limits,
@@ -141,8 +143,9 @@ class PromptStream:
 class Roles:
     """Every actor of the PPO stage; shuts them all down on exit."""
 
-    def __init__(self, config: RunConfig, inputs: PPOInputs) -> None:
+    def __init__(self, config: RunConfig, inputs: PPOInputs, log: Any = print) -> None:
         cfg, r = config.ppo, config.rollout
+        wait = autoscaling_timeout(config.ray)
         self.groups: list[Any] = []
         max_len = config.data.max_prompt_tokens + cfg.max_new_tokens
         self.engines = self._add(
@@ -152,8 +155,12 @@ class Roles:
                 name="rollout",
                 num_cpus=r.cpus_per_engine,
                 num_gpus=r.gpus_per_engine,
+                memory_gb=r.memory_gb_per_engine,
+                resources=r.resources_per_engine,
                 strategy="SPREAD",
                 placement_timeout_s=config.learner.placement_timeout_s,
+                autoscaling_timeout_s=wait,
+                log=log,
                 call_timeout_s=config.learner.collective_timeout_s,
                 actor_kwargs={
                     "config": EngineConfig(
@@ -167,13 +174,15 @@ class Roles:
                 },
             )
         )
-        self.reward = self._scorer(RewardModel, "reward", config, inputs.reward_model)
-        self.reference = self._scorer(ReferencePolicy, "reference", config, inputs.policy)
+        self.reward = self._scorer(RewardModel, "reward", config, inputs.reward_model, log)
+        self.reference = self._scorer(ReferencePolicy, "reference", config, inputs.policy, log)
         self.policy: LearnerGroup = self._add(
-            learner_group(config.learner, config.seed, "policy", cfg.minibatch_size)
+            learner_group(
+                config.learner, config.seed, "policy", cfg.minibatch_size, config.ray, log
+            )
         )
         self.critic: LearnerGroup = self._add(
-            learner_group(cfg.critic, config.seed, "critic", cfg.minibatch_size)
+            learner_group(cfg.critic, config.seed, "critic", cfg.minibatch_size, config.ray, log)
         )
         steps = cfg.iterations * cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
         self.policy.build(ModelSpec(inputs.policy), optim_spec(cfg.policy_optim, steps))
@@ -189,7 +198,18 @@ class Roles:
         weights = self.policy.publish_weights()
         self.engines.get(self.engines.submit("load_weights", weights, version), "load_weights")
 
-    def _scorer(self, cls: type, name: str, config: RunConfig, path: str) -> ActorGroup:
+    def placement(self) -> dict[str, list[dict[str, Any]]]:
+        """Where every rank of every role runs: {role: [{rank, node_id, ip, node_resources}]}."""
+        groups = {
+            "rollout": self.engines,
+            "reward": self.reward,
+            "reference": self.reference,
+            "policy": self.policy.group,
+            "critic": self.critic.group,
+        }
+        return {name: group.nodes() for name, group in groups.items()}
+
+    def _scorer(self, cls: type, name: str, config: RunConfig, path: str, log: Any) -> ActorGroup:
         """One frozen scorer actor, sized by the config section of the same name."""
         role = getattr(config, name)
         return self._add(
@@ -199,6 +219,11 @@ class Roles:
                 name=name,
                 num_cpus=role.cpus,
                 num_gpus=role.gpus,
+                memory_gb=role.memory_gb,
+                resources=role.resources,
+                placement_timeout_s=config.learner.placement_timeout_s,
+                autoscaling_timeout_s=autoscaling_timeout(config.ray),
+                log=log,
                 call_timeout_s=config.learner.collective_timeout_s,
                 actor_kwargs={"path": path, "batch_size": role.batch_size},
             )
@@ -430,7 +455,18 @@ def train(
             f"{latest} holds a checkpoint of an unfinished PPO run; pass --resume to continue "
             "it, or --restart to start over"
         )
-    with Roles(config, inputs) as roles:
+    with Roles(config, inputs, log) as roles:
+        placement = roles.placement()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "placement.json").write_text(json.dumps(placement, indent=1) + "\n")
+        for role, ranks in placement.items():
+            log(
+                f"ppo: {role} on "
+                + ", ".join(
+                    f"node {r['node_id'][:8]} ({r['ip']}) {format_resources(r['node_resources'])}"
+                    for r in ranks
+                )
+            )
         log(
             f"ppo: {config.rollout.engines} engine(s), policy on {roles.policy.ranks} rank(s), "
             f"critic on {roles.critic.ranks}; {cfg.iterations} iterations of "

@@ -136,7 +136,9 @@ def train(
     results: dict[str, float] = {}
     if labeler is not None:
         results["labeler_ceiling"] = labeler_ceiling(inputs, labeler)
-    with learner_group(config.learner, config.seed, "rm-learner", cfg.batch_size) as group:
+    with learner_group(
+        config.learner, config.seed, "rm-learner", cfg.batch_size, config.ray, log
+    ) as group:
         params = group.build(ModelSpec(inputs.model, kind="reward"), optim_spec(cfg.optim, total))
         log(
             f"rm: {params:,} parameters on {group.ranks} rank(s); {len(inputs.train)} comparisons"

@@ -69,7 +69,9 @@ def train(
     pad = inputs.tokenizer.pad_token_id
     steps_per_epoch = len(inputs.train) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
-    with learner_group(config.learner, config.seed, "sft-learner", cfg.batch_size) as group:
+    with learner_group(
+        config.learner, config.seed, "sft-learner", cfg.batch_size, config.ray, log
+    ) as group:
         params = group.build(ModelSpec(inputs.model), optim_spec(cfg.optim, total))
         log(
             f"sft: {params:,} parameters on {group.ranks} rank(s), "
