@@ -71,7 +71,7 @@ class RolloutEngine(BusyClock):
         self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None
     ) -> list[dict[str, Any]]:
         """One response per prompt (token ids): [{prompt_ids, response_ids, logprobs,
-        finished, version}], in the prompts' order.
+        finished, version, engine}], in the prompts' order (`engine` is this engine's rank).
 
         `seeds`, one per prompt, makes each response reproducible on its own (an evaluation
         samples two policies with the same seeds); without them the engine's own random stream
@@ -108,6 +108,7 @@ class RolloutEngine(BusyClock):
                     "logprobs": logprobs,
                     "finished": completion.finish_reason == "stop",
                     "version": self.version,
+                    "engine": self.rank,
                 }
             )
         return samples

@@ -32,6 +32,7 @@ def test_experience_joins_a_chunk_and_its_figures() -> None:
             "logprobs": [-1.0, -0.5, -0.2],
             "finished": True,
             "version": 3,
+            "engine": 0,
         },
         {
             "prompt_ids": [1],
@@ -39,6 +40,7 @@ def test_experience_joins_a_chunk_and_its_figures() -> None:
             "logprobs": [-2.0],
             "finished": False,
             "version": 3,
+            "engine": 1,
         },
     ]
     ref = [[-1.5, -0.5, -0.1], [-1.0]]
@@ -70,3 +72,4 @@ def test_experience_joins_a_chunk_and_its_figures() -> None:
     assert figures["response_length"] == 2.0
     assert figures["finished_share"] == 0.5
     assert figures["oldest_version"] == 3
+    assert figures["rollout/samples_engine_0"] == figures["rollout/samples_engine_1"] == 1

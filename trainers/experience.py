@@ -6,6 +6,7 @@ One sample (a dict; lists are per response token, length A_i):
     response_ids    [int]     the sampled response (ends with the end token unless cut)
     logprobs        [float]   log π_old(a_t | s_t) from the engine that sampled it
     version         int       weight version of that engine
+    engine          int       rank of that engine
     ref_logprobs    [float]   log π_SFT(a_t | s_t)
     values          [float]   V(s_t), the state before a_t
     score           float     the RM's score (normalised, clipped)
@@ -86,13 +87,22 @@ def make_experience(
         "res_sum": float(residual.sum()),
         "res_sq_sum": float((residual**2).sum()),
         "version_min": float(min(s["version"] for s in samples)),
+        "by_engine": {
+            str(e): float(sum(s["engine"] == e for s in samples))
+            for e in sorted({s["engine"] for s in samples})
+        },
     }
     return out, stats
 
 
-def summarize(stats: list[dict[str, float]]) -> dict[str, float]:
-    """An iteration's figures from its chunks' sums."""
-    total = {k: sum(s[k] for s in stats) for k in stats[0] if k != "version_min"}
+def summarize(stats: list[dict[str, Any]]) -> dict[str, float]:
+    """An iteration's figures from its chunks' sums (`rollout/samples_engine_R`: how many samples
+    engine R generated)."""
+    total = {k: sum(s[k] for s in stats) for k in stats[0] if k not in ("version_min", "by_engine")}
+    by_engine: dict[str, float] = {}
+    for s in stats:
+        for engine, count in s["by_engine"].items():
+            by_engine[engine] = by_engine.get(engine, 0.0) + count
     n, tokens = total["samples"], total["tokens"]
 
     def var(s: float, sq: float) -> float:
@@ -115,4 +125,5 @@ def summarize(stats: list[dict[str, float]]) -> dict[str, float]:
         else float("nan"),
         "tokens": tokens,
         "oldest_version": min(s["version_min"] for s in stats),
+        **{f"rollout/samples_engine_{e}": c for e, c in sorted(by_engine.items())},
     }
