@@ -51,3 +51,15 @@ def ray_cluster():
 
     with RayRuntime(None, num_cpus=2) as runtime:
         yield runtime
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The demo's config (configs/tiny.yaml) run once through SFT, RM and PPO: its folder and
+    summary. Other tests start from its SFT model and RM."""
+    from trainers.config import load_config
+    from trainers.pipeline import run
+
+    out = tmp_path_factory.mktemp("tiny")
+    config = load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={out}"])
+    return out, run(config)

@@ -14,13 +14,6 @@ from trainers.config import load_config
 from trainers.pipeline import StageConflict, run
 
 
-@pytest.fixture(scope="module")
-def demo_run(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("tiny")
-    config = load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={out}"])
-    return out, run(config)
-
-
 @pytest.mark.e2e
 def test_sft_learns_the_demonstrations(demo_run) -> None:
     out, summary = demo_run
