@@ -141,8 +141,8 @@ def test_the_number_of_engines_follows_the_config_and_both_generate(demo_run) ->
 
     from trainers.common import check_model_folder
     from trainers.config import load_config
-    from trainers.pipeline import resolve_paths
-    from trainers.ppo import PromptStream, Roles, iteration, prepare
+    from trainers.pipeline import prepare_ppo, resolve_paths
+    from trainers.ppo import PromptStream, Roles, iteration
     from trainers.ppo_math import FixedKLController, RunningMoments
 
     out, _ = demo_run
@@ -159,17 +159,8 @@ def test_the_number_of_engines_follows_the_config_and_both_generate(demo_run) ->
             ],
         )
         paths = resolve_paths(config)
-        inputs = prepare(
-            config,
-            policy=paths.ppo_policy,
-            reward_model=paths.ppo_reward,
-            critic_model=paths.ppo_critic,
-            prompts=paths.ppo_prompts,
-            heldout_prompts=paths.ppo_heldout_prompts,
-            ptx=paths.ppo_ptx,
-            heldout_demos=paths.ppo_heldout_demos,
-            tokenizer=check_model_folder(paths.ppo_policy, "ppo.policy"),
-            log=lambda _: None,
+        inputs = prepare_ppo(
+            config, paths, check_model_folder(paths.ppo_policy, "ppo.policy"), lambda _: None
         )
         with Roles(config, inputs) as roles:
             assert len(roles.engines.actors) == engines

@@ -51,6 +51,22 @@ class Paths:
     ppo_out: Path
 
 
+def prepare_ppo(config: RunConfig, paths: Paths, tokenizer: Any, log: Any = print) -> ppo.PPOInputs:
+    """The PPO stage's models and encoded data, from the run's resolved paths."""
+    return ppo.prepare(
+        config,
+        policy=paths.ppo_policy,
+        reward_model=paths.ppo_reward,
+        critic_model=paths.ppo_critic,
+        prompts=paths.ppo_prompts,
+        heldout_prompts=paths.ppo_heldout_prompts,
+        ptx=paths.ppo_ptx,
+        heldout_demos=paths.ppo_heldout_demos,
+        tokenizer=tokenizer,
+        log=log,
+    )
+
+
 def resolve_paths(config: RunConfig) -> Paths:
     run = config.run_dir
     task = run / "task"
@@ -155,18 +171,7 @@ def run(
             if config.ppo.policy is None and sft_tok is not None
             else check_model_folder(paths.ppo_policy, "ppo.policy")
         )
-        inputs["ppo"] = ppo.prepare(
-            config,
-            policy=paths.ppo_policy,
-            reward_model=paths.ppo_reward,
-            critic_model=paths.ppo_critic,
-            prompts=paths.ppo_prompts,
-            heldout_prompts=paths.ppo_heldout_prompts,
-            ptx=paths.ppo_ptx,
-            heldout_demos=paths.ppo_heldout_demos,
-            tokenizer=tok,
-            log=log,
-        )
+        inputs["ppo"] = prepare_ppo(config, paths, tok, log)
 
     # -- run ------------------------------------------------------------------------------------
     tracker = Tracker(
