@@ -8,6 +8,7 @@ again; `summary.json` in the run folder gathers the figures of every stage.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from typing import Any
 import yaml
 
 from cluster import RayRuntime
+from cluster.runtime import gpu_count
 from trainers import ppo, rm, sft
 from trainers.common import StageRecord, check_model_folder, fingerprint
-from trainers.config import RunConfig, to_dict
+from trainers.config import ConfigError, LearnerConfig, RunConfig, to_dict
 from trainers.task import ensure_task, labeler_score
 from trainers.tracking import Tracker
 
@@ -132,11 +134,65 @@ def _stage(
     return figures
 
 
+def _demand(config: RunConfig, stage: str) -> list[tuple[str, float, float]]:
+    """What a stage's roles reserve at once: [(what, CPUs, GPUs)]."""
+
+    def learners(name: str, section: LearnerConfig) -> tuple[str, float, float]:
+        return (
+            f"{name}.ranks {section.ranks} × {section.cpus_per_rank:g} CPUs",
+            section.ranks * section.cpus_per_rank,
+            section.ranks * section.gpus_per_rank,
+        )
+
+    if stage != "ppo":
+        return [learners("learner", config.learner)]
+    r = config.rollout
+    return [
+        learners("learner", config.learner),
+        learners("ppo.critic", config.ppo.critic),
+        (
+            f"rollout.engines {r.engines} × {r.cpus_per_engine:g} CPUs",
+            r.engines * r.cpus_per_engine,
+            r.engines * r.gpus_per_engine,
+        ),
+        (f"reward.cpus {config.reward.cpus:g}", config.reward.cpus, config.reward.gpus),
+        (f"reference.cpus {config.reference.cpus:g}", config.reference.cpus, config.reference.gpus),
+    ]
+
+
+def check_capacity(config: RunConfig) -> None:
+    """A local cluster's size is known before it starts: a stage whose roles reserve more CPUs
+    or GPUs than it has is a ConfigError that lists them (on a remote cluster, placement says
+    the same with the cluster's nodes)."""
+    if config.ray.address is not None:
+        return
+    cpus = config.ray.num_cpus or os.cpu_count() or 1
+    source = "ray.num_cpus" if config.ray.num_cpus else "this machine's CPU count"
+    gpus = gpu_count()
+    for stage in config.stages:
+        parts = _demand(config, stage)
+        need_cpu = sum(c for _, c, _ in parts)
+        need_gpu = sum(g for _, _, g in parts)
+        if need_cpu > cpus + 1e-9:
+            raise ConfigError(
+                f"the {stage} stage reserves {need_cpu:g} CPUs at once ("
+                + " + ".join(what for what, _, _ in parts)
+                + f") but the local cluster has {cpus} ({source}); lower the ranks or the CPUs "
+                "per rank (fractions share a core), or set ray.num_cpus"
+            )
+        if need_gpu > gpus + 1e-9:
+            raise ConfigError(
+                f"the {stage} stage asks for {need_gpu:g} GPUs but this machine has {gpus}; set "
+                "the roles' gpus to 0 to run on the CPU"
+            )
+
+
 def run(
     config: RunConfig, *, restart: bool = False, resume: bool = False, log: Any = print
 ) -> dict[str, Any]:
     """Run the config's stages; returns the summary (also written to `<run>/summary.json`)."""
     started = time.time()
+    check_capacity(config)
     paths = resolve_paths(config)
     paths.run.mkdir(parents=True, exist_ok=True)
     plain = to_dict(config)
@@ -151,7 +207,11 @@ def run(
     inputs: dict[str, Any] = {}
     # When this run trains SFT, the later stages start from its output, which does not exist
     # yet: their tokenizer is the SFT stage's input tokenizer.
-    sft_tok = check_model_folder(paths.sft_model, "sft.model") if "sft" in config.stages else None
+    sft_tok = (
+        check_model_folder(paths.sft_model, "sft.model", trust_remote_code=config.trust_remote_code)
+        if "sft" in config.stages
+        else None
+    )
     if sft_tok is not None:
         inputs["sft"] = sft.prepare(
             config, paths.sft_model, paths.sft_train, paths.sft_heldout, sft_tok, log
@@ -160,7 +220,9 @@ def run(
         tok = (
             sft_tok
             if config.rm.model is None and sft_tok is not None
-            else check_model_folder(paths.rm_model, "rm.model", reward=True)
+            else check_model_folder(
+                paths.rm_model, "rm.model", reward=True, trust_remote_code=config.trust_remote_code
+            )
         )
         inputs["rm"] = rm.prepare(
             config, paths.rm_model, paths.rm_train, paths.rm_heldout, paths.rm_normalize, tok, log
@@ -169,9 +231,26 @@ def run(
         tok = (
             sft_tok
             if config.ppo.policy is None and sft_tok is not None
-            else check_model_folder(paths.ppo_policy, "ppo.policy")
+            else check_model_folder(
+                paths.ppo_policy, "ppo.policy", trust_remote_code=config.trust_remote_code
+            )
         )
         inputs["ppo"] = prepare_ppo(config, paths, tok, log)
+        # folders that exist before the run are checked now, not when the stage starts
+        if config.ppo.reward_model is not None:
+            check_model_folder(
+                paths.ppo_reward,
+                "ppo.reward_model",
+                reward=True,
+                trust_remote_code=config.trust_remote_code,
+            )
+        if config.ppo.critic_model is not None:
+            check_model_folder(
+                paths.ppo_critic,
+                "ppo.critic_model",
+                reward=True,
+                trust_remote_code=config.trust_remote_code,
+            )
 
     # -- run ------------------------------------------------------------------------------------
     tracker = Tracker(
@@ -206,7 +285,12 @@ def run(
                     lambda: sft.train(config, inputs["sft"], paths.sft_out, tracker, log),
                 )
             if "rm" in config.stages:
-                check_model_folder(paths.rm_model, "rm.model", reward=True)
+                check_model_folder(
+                    paths.rm_model,
+                    "rm.model",
+                    reward=True,
+                    trust_remote_code=config.trust_remote_code,
+                )
                 record = StageRecord(
                     paths.rm_out.parent,
                     {
@@ -225,9 +309,21 @@ def run(
                     lambda: rm.train(config, inputs["rm"], paths.rm_out, tracker, labeler, log),
                 )
             if "ppo" in config.stages:
-                check_model_folder(paths.ppo_policy, "ppo.policy")
-                check_model_folder(paths.ppo_reward, "ppo.reward_model", reward=True)
-                check_model_folder(paths.ppo_critic, "ppo.critic_model", reward=True)
+                check_model_folder(
+                    paths.ppo_policy, "ppo.policy", trust_remote_code=config.trust_remote_code
+                )
+                check_model_folder(
+                    paths.ppo_reward,
+                    "ppo.reward_model",
+                    reward=True,
+                    trust_remote_code=config.trust_remote_code,
+                )
+                check_model_folder(
+                    paths.ppo_critic,
+                    "ppo.critic_model",
+                    reward=True,
+                    trust_remote_code=config.trust_remote_code,
+                )
                 record = StageRecord(
                     paths.ppo_out,
                     {
