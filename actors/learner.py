@@ -185,10 +185,29 @@ class Learner(BusyClock):
         device = self.engine.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+    def _all_finite(self, loss: Any) -> bool:
+        """Whether the loss is finite on every rank (collective: all ranks skip together, or a
+        step that some took and others not would leave their shards apart)."""
+        import torch
+        import torch.distributed as dist
+
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])
+        bad = bad.to(loss.device)
+        if self.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return float(bad.item()) == 0.0
+
     def train_step(self, batch: dict[str, Any], objective: Objective) -> dict[str, float]:
-        """One optimizer step on this rank's slice; returns this rank's metric shares."""
+        """One optimizer step on this rank's slice; returns this rank's metric shares. A loss
+        that is not finite on some rank skips the step on all ranks (weights, optimizer and
+        schedule stay as they were); rank 0 then reports `skipped: 1`."""
         self.engine.train()
         loss, metrics = objective(self.engine, self._to_device(batch))
+        if not self._all_finite(loss):
+            metrics = dict(metrics)
+            if self.rank == 0:
+                metrics["skipped"] = 1.0
+            return metrics
         # DeepSpeed averages gradients over ranks; the loss is already a share of the global
         # batch's loss, so scale it back up to make the average equal the global gradient.
         self.engine.backward(loss * self.world_size)
@@ -296,7 +315,9 @@ class Learner(BusyClock):
         target, tmp = Path(path), Path(path + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.spec.path).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(
+            self.spec.path, trust_remote_code=self.spec.trust_remote_code
+        ).save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

@@ -99,3 +99,32 @@ def test_a_group_larger_than_the_cluster_fails_fast_and_says_why(ray_cluster) ->
     message = str(e.value)
     assert "too-big: needs 3 × {CPU: 1} = {CPU: 3}" in message
     assert "the whole cluster has {CPU: 2," in message
+
+
+def _poisoned_on_rank_1(model, batch):
+    """The SFT objective, with a NaN loss on the slice that carries `poison`."""
+    loss, metrics = sft_objective(model, batch)
+    return (loss * float("nan") if batch.get("poison") else loss), metrics
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(
+    small_task: Path, fixed_batch: list[dict]
+) -> None:
+    engine = EngineSpec(
+        zero_stage=2, backend="gloo", seed=0, collective_timeout_s=120, micro_batch=4
+    )
+    tokens = sum(sum(e["loss_mask"][1:]) for e in fixed_batch)
+    with LearnerGroup(name="nan", ranks=2, engine=engine, cpus_per_rank=0.5) as group:
+        group.build(ModelSpec(str(small_task / "base_model")), OptimSpec(lr=1e-2, total_steps=4))
+        before = group.state_dict()
+        shards = [collate_sft(s, 0, tokens) for s in split_evenly(fixed_batch, 2)]
+        poisoned = [shards[0], {**shards[1], "poison": True}]
+        metrics = group.train_step(_poisoned_on_rank_1, poisoned)
+        assert metrics["skipped"] == 1.0
+        after_skip = group.state_dict()
+        for name, value in before.items():
+            assert torch.equal(value, after_skip[name]), name  # no rank moved
+        metrics = group.train_step(_poisoned_on_rank_1, shards)  # the next step is taken
+        assert "skipped" not in metrics and metrics["loss"] > 0
+        moved = group.state_dict()
+        assert any(not torch.equal(before[n], moved[n]) for n in before)

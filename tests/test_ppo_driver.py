@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from trainers.experience import make_experience, summarize
-from trainers.ppo import PromptStream
+from trainers.ppo import NonFiniteError, PromptStream, SkipGuard
 from trainers.ppo_math import gae, token_rewards
 
 pytestmark = pytest.mark.unit
@@ -73,3 +75,42 @@ def test_experience_joins_a_chunk_and_its_figures() -> None:
     assert figures["finished_share"] == 0.5
     assert figures["oldest_version"] == 3
     assert figures["rollout/samples_engine_0"] == figures["rollout/samples_engine_1"] == 1
+
+
+def test_a_sample_with_a_nan_score_is_left_out_of_the_figures() -> None:
+    samples = [
+        {"prompt_ids": [1], "response_ids": [5, 6], "logprobs": [-1.0, -0.5], "finished": True,
+         "version": 0, "engine": 0},
+        {"prompt_ids": [1], "response_ids": [7], "logprobs": [-2.0], "finished": False,
+         "version": 0, "engine": 0},
+    ]  # fmt: skip
+    chunk, stats = make_experience(
+        samples,
+        [1.0, float("nan")],
+        [[-1.0, -0.5], [-2.0]],
+        [[0.0, 0.0], [0.0]],
+        beta=0.1,
+        estimator="k1",
+        gamma=1.0,
+        lam=0.95,
+        reward_clip=5.0,
+    )
+    figures = summarize([stats])
+    assert figures["nonfinite_samples"] == 1
+    assert figures["score"] == 1.0 and figures["response_length"] == 2.0
+    assert all(math.isfinite(v) for k, v in figures.items() if k != "explained_variance")
+    assert any(math.isnan(a) for a in chunk[1]["advantages"])  # its update will be skipped
+    nothing = summarize([make_experience(samples[1:], [float("nan")], [[-2.0]], [[0.0]],
+                                         beta=0.1, estimator="k1", gamma=1.0, lam=0.95,
+                                         reward_clip=5.0)[1]])  # fmt: skip
+    assert nothing["nonfinite_samples"] == 1 and math.isnan(nothing["score"])
+
+
+def test_the_skip_guard_stops_after_the_configured_updates_in_a_row() -> None:
+    guard = SkipGuard(limit=3)
+    guard.update("policy", [{"skipped": 1.0}, {"skipped": 1.0}, {"loss": 0.1}])
+    guard.update("critic", [{"skipped": 1.0}, {"skipped": 1.0}])
+    guard.update("policy", [{"skipped": 1.0}, {"skipped": 1.0}])
+    assert guard.total == {"policy": 4, "critic": 2}
+    with pytest.raises(NonFiniteError, match=r"3 policy updates in a row .*max_skipped_steps=3"):
+        guard.update("policy", [{"skipped": 1.0}])

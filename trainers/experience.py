@@ -21,6 +21,7 @@ and a few sums for the driver's figures.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -57,6 +58,15 @@ def make_experience(
     kl = kl_estimate(logp, ref, estimator) * mask  # (B, A)
     rewards = token_rewards(score, kl, mask, beta)
     advantages, returns = gae(rewards, vals, mask, gamma, lam)
+    # A sample with a non-finite score, log-prob, value or advantage is left out of the figures
+    # (and of the whitening); the learners skip the updates whose minibatch holds it.
+    finite = (
+        torch.isfinite(raw)
+        & torch.isfinite(advantages * mask).all(dim=1)
+        & torch.isfinite(returns * mask).all(dim=1)
+    )
+    bad = ~finite
+    mask_ok = mask * finite[:, None]
     out = []
     for i, s in enumerate(samples):
         n = len(s["response_ids"])
@@ -71,19 +81,28 @@ def make_experience(
                 "returns": returns[i, :n].tolist(),
             }
         )
-    k1 = ((logp - ref) * mask).sum(dim=1)  # (B,) KL of each sequence, nats
-    residual = (returns - vals) * mask
+
+    def zero_bad(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(bad[:, None] if t.dim() == 2 else bad, torch.zeros_like(t), t)
+
+    adv_ok, ret_ok = zero_bad(advantages) * mask_ok, zero_bad(returns) * mask_ok
+    raw_ok = zero_bad(raw)
+    k1 = zero_bad((logp - ref) * mask).sum(dim=1)  # (B,) KL of each sequence, nats
+    residual = (ret_ok - zero_bad(vals) * mask_ok) * mask_ok
     stats = {
-        "samples": float(len(samples)),
-        "tokens": float(mask.sum()),
-        "score_sum": float(raw.sum()),
-        "score_sq_sum": float((raw.double() ** 2).sum()),
+        "samples": float(finite.sum()),
+        "nonfinite_samples": float(bad.sum()),
+        "tokens": float(mask_ok.sum()),
+        "score_sum": float(raw_ok.sum()),
+        "score_sq_sum": float((raw_ok.double() ** 2).sum()),
         "kl_sum": float(k1.sum()),
-        "finished": float(sum(bool(s["finished"]) for s in samples)),
-        "adv_sum": float((advantages * mask).sum()),
-        "adv_sq_sum": float((advantages**2 * mask).sum()),
-        "ret_sum": float((returns * mask).sum()),
-        "ret_sq_sum": float((returns**2 * mask).sum()),
+        "finished": float(
+            sum(bool(s["finished"]) for s, f in zip(samples, finite, strict=True) if f)
+        ),
+        "adv_sum": float(adv_ok.sum()),
+        "adv_sq_sum": float((adv_ok**2).sum()),
+        "ret_sum": float(ret_ok.sum()),
+        "ret_sq_sum": float((ret_ok**2).sum()),
         "res_sum": float(residual.sum()),
         "res_sq_sum": float((residual**2).sum()),
         "version_min": float(min(s["version"] for s in samples)),
@@ -103,11 +122,12 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, float]:
     for s in stats:
         for engine, count in s["by_engine"].items():
             by_engine[engine] = by_engine.get(engine, 0.0) + count
-    n, tokens = total["samples"], total["tokens"]
+    # n is 0 when no sample of the iteration is finite: its figures are then NaN
+    n, tokens = total["samples"] or math.nan, total["tokens"] or math.nan
 
     def var(s: float, sq: float) -> float:
         mean = s / tokens
-        return max(sq / tokens - mean**2, 0.0)
+        return max(sq / tokens - mean**2, 0.0) if tokens == tokens else math.nan
 
     adv_mean = total["adv_sum"] / tokens
     ret_var = var(total["ret_sum"], total["ret_sq_sum"])
@@ -122,8 +142,9 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, float]:
         "return_std": ret_var**0.5,
         "explained_variance": 1.0 - var(total["res_sum"], total["res_sq_sum"]) / ret_var
         if ret_var > 0
-        else float("nan"),
+        else math.nan,
         "tokens": tokens,
+        "nonfinite_samples": total["nonfinite_samples"],
         "oldest_version": min(s["version_min"] for s in stats),
         **{f"rollout/samples_engine_{e}": c for e, c in sorted(by_engine.items())},
     }
