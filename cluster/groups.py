@@ -116,15 +116,44 @@ class ActorGroup:
             options["resources"] = resources
         if env_vars:
             options["runtime_env"] = {"env_vars": env_vars}
-        self.actors = [
-            remote_cls.options(
-                **options,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=rank
-                ),
-            ).remote(rank=rank, world_size=n, **(actor_kwargs or {}))
-            for rank in range(n)
-        ]
+        self._remote_cls, self._options = remote_cls, options
+        self._actor_kwargs = dict(actor_kwargs or {})
+        self.replaced = 0
+        self.actors = [self._start(rank) for rank in range(n)]
+
+    def _start(self, rank: int) -> Any:
+        return self._remote_cls.options(
+            **self._options,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=rank
+            ),
+        ).remote(rank=rank, world_size=self.n, **self._actor_kwargs)
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def alive(self, rank: int, timeout_s: float = 30.0) -> bool:
+        """Whether rank answers within `timeout_s` (an actor busy in a long call does not: it
+        is single-threaded, so a hung actor counts as dead)."""
+        try:
+            ray.get(self.actors[rank].__ray_ready__.remote(), timeout=timeout_s)
+            return True
+        except (GetTimeoutError, RayActorError, RayTaskError):
+            return False
+
+    def replace(self, rank: int, timeout_s: float | None = None) -> Any:
+        """End rank (dead or hung) and start a new actor in its place, in the same bundle of the
+        placement group; returns the new handle once it answers."""
+        ray.kill(self.actors[rank], no_restart=True)
+        self.actors[rank] = self._start(rank)
+        self.replaced += 1
+        deadline = self.call_timeout_s if timeout_s is None else timeout_s
+        try:
+            ray.get(self.actors[rank].__ray_ready__.remote(), timeout=deadline)
+        except (GetTimeoutError, RayActorError, RayTaskError) as e:
+            raise RemoteCallError(
+                f"{self.name} rank {rank}: its replacement did not start: {e}"
+            ) from e
+        return self.actors[rank]
 
     def _check_feasible(self, bundle: dict[str, float], n: int, autoscaling: bool) -> bool:
         """True if the cluster as it is could host the group. False if it could not but an

@@ -199,7 +199,7 @@ def test_cli_refuses_a_malformed_data_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_a_killed_ppo_run_resumes_from_its_checkpoint(demo_run, tmp_path: Path) -> None:
+def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(demo_run, tmp_path: Path) -> None:
     import os
     import shutil
     import signal
@@ -231,13 +231,16 @@ def test_a_killed_ppo_run_resumes_from_its_checkpoint(demo_run, tmp_path: Path) 
         text=True,
         start_new_session=True,
     )
+    # killed while it writes its second checkpoint (the final one, after iteration 4)
     latest = run_dir / "ppo" / "checkpoints" / "latest"
+    writing = run_dir / "ppo" / "checkpoints" / "iter-000004.tmp"
     deadline = time.time() + 600
-    while not latest.is_file() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
+    while not writing.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    assert latest.read_text().strip() == "iter-000002", first.stdout.read()[-3000:]
+    assert writing.exists(), first.stdout.read()[-3000:]
+    assert latest.read_text().strip() == "iter-000002"  # the pointer had not moved
 
     refused = _cli("run", *args)
     assert refused.returncode == 2
@@ -250,6 +253,25 @@ def test_a_killed_ppo_run_resumes_from_its_checkpoint(demo_run, tmp_path: Path) 
     assert summary["ppo"]["iterations"] == 4
     assert latest.read_text().strip() == "iter-000004"
     assert sorted(p.name for p in latest.parent.glob("iter-*")) == ["iter-000002", "iter-000004"]
+
+    # exactly where a run that never stopped ends: same samples, same updates, same weights
+    import torch
+    from safetensors.torch import load_file
+
+    straight_dir = tmp_path / "straight"
+    shutil.copytree(demo / "task", straight_dir / "task")
+    straight = _cli("run", *args, f"output_dir={straight_dir}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = load_file(run_dir / "ppo" / "policy" / "model.safetensors")
+    b = load_file(straight_dir / "ppo" / "policy" / "model.safetensors")
+    start = load_file(demo / "sft" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), name
+    assert any(not torch.equal(a[n], start[n]) for n in a)  # and it did train
+    straight_summary = json.loads((straight_dir / "summary.json").read_text())["ppo"]
+    for figure in ("rm_score", "kl_to_sft", "labeler_score"):
+        assert straight_summary[figure] == pytest.approx(summary["ppo"][figure], abs=1e-4)
 
 
 @pytest.mark.integration

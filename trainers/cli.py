@@ -17,7 +17,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from trainers.config import ConfigError
     from trainers.data import DataError
     from trainers.pipeline import StageConflict
-    from trainers.ppo import CheckpointExists
+    from trainers.ppo import CheckpointExists, NonFiniteError
 
     return (
         ConfigError,
@@ -28,6 +28,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         FileExistsError,
         CheckpointExists,
         JobError,
+        NonFiniteError,
     )
 
 

@@ -333,6 +333,13 @@ class PPOConfig(Section):
     """demonstrations per policy step for the ptx term"""
     entropy_coef: float = Field(default=0.0, ge=0)
     """weight of an entropy bonus in the policy loss"""
+    chunk_retries: int = Field(default=3, ge=0)
+    """times a chunk of prompts is issued again after the engine, reward or reference actor that
+    worked on it died or hung (the actor is replaced first); then the run stops"""
+    max_skipped_steps: int = Field(default=8, ge=1)
+    """an update whose loss is not finite (a NaN or infinite reward, value, advantage or loss) is
+    skipped and counted; this many in a row (policy or critic) stop the run, keeping the last
+    good checkpoint"""
     policy_optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0))
     """the policy's optimizer"""
     critic_optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=0))
@@ -365,6 +372,10 @@ class RunConfig(Section):
     """the run's folder (default: runs/NAME); one subfolder a stage"""
     seed: int = 0
     """seed of training (shuffling, initialisation of new heads)"""
+    trust_remote_code: bool = False
+    """run Python code shipped inside model folders (Hugging Face's trust_remote_code) in every
+    role; off: only architectures that transformers and vLLM know, and nothing from the folder
+    runs"""
     stages: list[Literal["sft", "rm", "ppo"]] = Field(default_factory=lambda: list(STAGES))
     """stages to run, in recipe order"""
     task: TaskConfig | None = Field(default_factory=TaskConfig)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.learner import LearnerGroup, ModelSpec
 from actors.rollout import EngineConfig, RolloutEngine, Sampling
@@ -55,6 +56,9 @@ from trainers.tracking import Tracker, progress
 # Joining a chunk is a few tensor operations: it takes no CPU reservation, so it can run while
 # the actors hold every CPU of the cluster.
 _make_experience = ray.remote(num_cpus=0)(make_experience)
+
+# Training rollouts take seeds from here up; the evaluation's are below it.
+TRAIN_SEED_BASE = 1_000_000_007
 
 
 @dataclass
@@ -140,11 +144,40 @@ class PromptStream:
         return out
 
 
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row were skipped for a non-finite loss."""
+
+
+class SkipGuard:
+    """Counts the policy's and the critic's updates skipped in a row for a non-finite loss
+    (a NaN or infinite reward, value, advantage or loss); `limit` in a row stops the run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_row = {"policy": 0, "critic": 0}
+        self.total = {"policy": 0, "critic": 0}
+
+    def update(self, name: str, steps: list[dict[str, float]]) -> None:
+        for step in steps:
+            if step.get("skipped"):
+                self.in_row[name] += 1
+                self.total[name] += 1
+            else:
+                self.in_row[name] = 0
+            if self.in_row[name] >= self.limit:
+                raise NonFiniteError(
+                    f"{self.in_row[name]} {name} updates in a row were skipped for a non-finite "
+                    f"loss (ppo.max_skipped_steps={self.limit}); look at the reward model's "
+                    "scores and the learning rates"
+                )
+
+
 class Roles:
     """Every actor of the PPO stage; shuts them all down on exit."""
 
     def __init__(self, config: RunConfig, inputs: PPOInputs, log: Any = print) -> None:
         cfg, r = config.ppo, config.rollout
+        self.log = log
         wait = autoscaling_timeout(config.ray)
         self.groups: list[Any] = []
         max_len = config.data.max_prompt_tokens + cfg.max_new_tokens
@@ -170,6 +203,7 @@ class Roles:
                         seed=config.seed,
                         kv_cache_gb=r.kv_cache_gb,
                         gpu_memory_utilization=r.gpu_memory_utilization,
+                        trust_remote_code=config.trust_remote_code,
                     )
                 },
             )
@@ -185,13 +219,48 @@ class Roles:
             learner_group(cfg.critic, config.seed, "critic", cfg.minibatch_size, config.ray, log)
         )
         steps = cfg.iterations * cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
-        self.policy.build(ModelSpec(inputs.policy), optim_spec(cfg.policy_optim, steps))
+        trust = config.trust_remote_code
+        self.policy.build(
+            ModelSpec(inputs.policy, trust_remote_code=trust), optim_spec(cfg.policy_optim, steps)
+        )
         self.critic.build(
-            ModelSpec(inputs.critic_model, kind="reward"), optim_spec(cfg.critic_optim, steps)
+            ModelSpec(inputs.critic_model, kind="reward", trust_remote_code=trust),
+            optim_spec(cfg.critic_optim, steps),
         )
         self.ptx_ref = ray.put(inputs.ptx)
         self.ptx_size = len(inputs.ptx)
         self.pad_id = int(inputs.tokenizer.pad_token_id)
+
+    def recover(self, version: int, cause: BaseException) -> list[str]:
+        """Replace every engine, reward or reference actor that died or hangs (a new actor in
+        its place; an engine also gets the policy's current weights, as `version`). Returns
+        what was replaced. If nothing was and `cause` is no actor's death or hang (a bug, bad
+        data), `cause` is raised again: it would fail the same way when issued again."""
+        replaced = []
+        for group in (self.engines, self.reward, self.reference):
+            for rank in range(group.n):
+                if group.alive(rank):
+                    continue
+                self.log(f"ppo: {group.name} rank {rank} died or hangs ({_first_line(cause)}); "
+                         "replacing it")  # fmt: skip
+                actor = group.replace(rank)
+                if group is self.engines:
+                    weights = self.policy.publish_weights()
+                    ray.get(
+                        actor.load_weights.remote(weights, version), timeout=group.call_timeout_s
+                    )
+                replaced.append(f"{group.name}[{rank}]")
+        if not replaced:
+            dead = [f"{g.name} rank {r}" for g in (self.critic.group,) for r in range(g.n)
+                    if not g.alive(r)]  # fmt: skip
+            if dead:
+                raise RemoteCallError(
+                    f"{', '.join(dead)} died: a learner group comes back only from a checkpoint "
+                    "(run again with --resume)"
+                ) from cause
+            if not _actor_fault(cause):
+                raise cause
+        return replaced
 
     def sync_weights(self, version: int) -> None:
         """The policy's weights to every engine (through the object store), as `version`."""
@@ -225,7 +294,11 @@ class Roles:
                 autoscaling_timeout_s=autoscaling_timeout(config.ray),
                 log=log,
                 call_timeout_s=config.learner.collective_timeout_s,
-                actor_kwargs={"path": path, "batch_size": role.batch_size},
+                actor_kwargs={
+                    "path": path,
+                    "batch_size": role.batch_size,
+                    "trust_remote_code": config.trust_remote_code,
+                },
             )
         )
 
@@ -239,6 +312,20 @@ class Roles:
     def __exit__(self, *exc: object) -> None:
         for group in reversed(self.groups):
             group.shutdown()
+
+
+def _actor_fault(e: BaseException) -> bool:
+    """An actor died or hung (a call on an actor that has since been replaced fails so too)."""
+    while isinstance(e, RemoteCallError) and e.__cause__ is not None:
+        e = e.__cause__
+    if isinstance(e, (RayActorError, GetTimeoutError)):
+        return True
+    return isinstance(e, RayTaskError) and isinstance(getattr(e, "cause", None), RayActorError)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
@@ -271,6 +358,7 @@ def iteration(
     scores: RunningMoments,
     version: int,
     it: int,
+    skips: SkipGuard | None = None,
 ) -> tuple[dict[str, float], list[Any]]:
     """One PPO iteration; returns its figures and the refs of its experience chunks. `scores`
     holds the running moments of the RM scores (used when ppo.normalize_reward is on)."""
@@ -283,20 +371,16 @@ def iteration(
     t0 = time.perf_counter()
 
     # 1-2. generate in chunks; each chunk goes on to reward, reference and critic when it is done
-    index = generate(roles, stream.take(cfg.rollout_batch), sampling, config.rollout.chunk_size)
-    experience: list[Any] = [None] * len(index)
-    stats: list[Any] = [None] * len(index)
-    waiting = list(index)
-    while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=1, timeout=timeout)
-        if not ready:
-            raise RemoteCallError(
-                f"rollout: no chunk finished within {timeout:.0f} s ({len(waiting)} of "
-                f"{len(index)} chunks still generating)"
-            )
-        [done] = ready
-        i = index[done]
-        experience[i], stats[i] = _make_experience.options(num_returns=2).remote(
+    # Each prompt of the iteration has its own seed, fixed by the run's seed and the iteration:
+    # the samples do not depend on the engines' random state, so a resumed run draws the same
+    # ones as a run that never stopped (and do not collide with the evaluation's seeds).
+    seed = TRAIN_SEED_BASE * (config.seed + 1) + it * cfg.rollout_batch
+    prompts = stream.take(cfg.rollout_batch)
+    index = generate(roles, prompts, sampling, config.rollout.chunk_size, seed)
+
+    def join(done: Any) -> tuple[Any, Any]:
+        """The experience of a generated chunk: scored, valued and joined as Ray tasks."""
+        return _make_experience.options(num_returns=2).remote(
             done,
             roles.reward.actors[0].score.remote(done),
             roles.reference.actors[0].logprobs.remote(done),
@@ -308,11 +392,48 @@ def iteration(
             reward_clip=cfg.reward_clip,
             reward_scale=max(scores.std, 1e-8) if cfg.normalize_reward else 1.0,
         )
+
+    experience: list[Any] = [None] * len(index)
+    stats: list[Any] = [None] * len(index)
+    waiting = list(index)
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=timeout)
+        if not ready:  # the rest hang: they are issued again below, after recovery
+            break
+        [done] = ready
+        experience[index[done]], stats[index[done]] = join(done)
     t_generated = time.perf_counter()
-    chunk_stats = ray.get(stats, timeout=timeout)
+
+    # A chunk whose engine, reward or reference actor died (or hung past the deadline) is
+    # issued again, whole, once the actor is replaced; the same seeds give the same samples,
+    # and only the chunk's last attempt is counted.
+    chunk_stats: list[Any] = [None] * len(index)
+    reissued = replaced = 0
+    for i, chunk in enumerate(_chunks(prompts, config.rollout.chunk_size)):
+        for attempt in range(cfg.chunk_retries + 1):
+            try:
+                if stats[i] is None:
+                    raise GetTimeoutError(f"chunk {i} did not finish within {timeout:.0f} s")
+                chunk_stats[i] = ray.get(stats[i], timeout=timeout)
+                break
+            except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                if attempt == cfg.chunk_retries:
+                    raise RemoteCallError(
+                        f"ppo: chunk {i} failed {attempt + 1} times: {_first_line(e)}"
+                    ) from e
+                replaced += len(roles.recover(version, e))
+                reissued += 1
+                roles.log(f"ppo: iteration {it + 1}: chunk {i} issued again")
+                engines = roles.engines.actors
+                seeds = [seed + i * config.rollout.chunk_size + j for j in range(len(chunk))]
+                done = engines[i % len(engines)].generate.remote(
+                    [p["prompt_ids"] for p in chunk], sampling, seeds
+                )
+                experience[i], stats[i] = join(done)
     for c in chunk_stats:
         scores.update_from_sums(c["samples"], c["score_sum"], c["score_sq_sum"])
     figures = summarize(chunk_stats)
+    figures["faults/chunks_reissued"] = float(reissued)
     t_scored = time.perf_counter()
 
     # 3. policy and critic train at the same time on the experience they fetch themselves
@@ -349,8 +470,12 @@ def iteration(
     critic_steps = LearnerGroup.sum_shares(roles.critic.group.get(critic_refs, "train_on"))
     t_trained = time.perf_counter()
 
-    # 4. the new weights go to every engine
-    roles.sync_weights(version + 1)
+    # 4. the new weights go to every engine (an engine that died since is replaced, with them)
+    try:
+        roles.sync_weights(version + 1)
+    except RemoteCallError as e:
+        replaced += len(roles.recover(version + 1, e))
+        roles.sync_weights(version + 1)
     t_synced = time.perf_counter()
 
     # the roles that overlap with generation report their own working time (the busiest rank)
@@ -360,15 +485,24 @@ def iteration(
         ("reference", roles.reference),
         ("critic_forward", roles.critic.group),
     ):
-        figures[f"time/{name}_busy"] = max(group.call("take_busy_seconds"))
+        try:
+            figures[f"time/{name}_busy"] = max(group.call("take_busy_seconds"))
+        except RemoteCallError as e:  # died after its work: replaced now, not at the next use
+            replaced += len(roles.recover(version + 1, e))
+    figures["faults/actors_replaced"] = float(replaced)
     lag = version - figures.pop("oldest_version")
     beta = kl.beta
     kl.update(figures["kl"], n)
     for name, steps in (("policy", policy_steps), ("critic", critic_steps)):
-        for key in steps[0]:
+        # a skipped update (non-finite loss) is counted, and left out of the averages
+        taken = [s for s in steps if not s.get("skipped")]
+        figures[f"{name}/skipped_steps"] = float(len(steps) - len(taken))
+        for key in taken[0] if taken else {}:
             figures[f"{name}/{key}" if key in ("lr", "grad_norm") else key] = sum(
-                s[key] for s in steps
-            ) / len(steps)
+                s[key] for s in taken
+            ) / len(taken)
+        if skips is not None:
+            skips.update(name, steps)
     figures.update(
         {
             "beta": beta,
@@ -445,6 +579,7 @@ def train(
     stream = PromptStream(inputs.prompts, config.seed)
     moments = RunningMoments()
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+    skips = SkipGuard(cfg.max_skipped_steps)
     if restart:
         import shutil
 
@@ -488,7 +623,14 @@ def train(
         bar = progress(cfg.iterations, "ppo")
         bar.update(start)
         for it in range(start, cfg.iterations):
-            figures, experience = iteration(config, roles, stream, kl, moments, it, it)
+            try:
+                figures, experience = iteration(config, roles, stream, kl, moments, it, it, skips)
+            except NonFiniteError as e:
+                last = checkpoints.latest()
+                raise NonFiniteError(
+                    f"ppo: iteration {it + 1}: {e}. The run stops; the last good checkpoint is "
+                    + (f"{last} (continue from it with --resume)" if last else "none yet")
+                ) from None
             tokens += figures["tokens"]
             generate_seconds += figures["time/generate"]
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:

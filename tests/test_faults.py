@@ -1,0 +1,106 @@
+"""Faults during PPO on a real local Ray cluster: actors killed at a random point of an
+iteration are replaced and their work issued again; non-finite rewards skip updates and stop the
+run clearly."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _config(demo: Path, out: Path, *extra: str):
+    from trainers.config import load_config
+
+    return load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"output_dir={out}",
+            "stages=[ppo]",
+            "wandb.mode=disabled",
+            f"ppo.policy={demo / 'sft' / 'model'}",
+            f"ppo.reward_model={demo / 'rm' / 'model'}",
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.integration
+def test_killed_engine_reward_and_reference_actors_are_replaced_and_nothing_is_lost(
+    demo_run, tmp_path: Path
+) -> None:
+    import ray
+
+    from trainers.common import check_model_folder
+    from trainers.pipeline import prepare_ppo, resolve_paths
+    from trainers.ppo import PromptStream, Roles, iteration
+    from trainers.ppo_math import FixedKLController, RunningMoments
+
+    demo, _ = demo_run
+    shutil.copytree(demo / "task", tmp_path / "task")
+    config = _config(demo, tmp_path, "rollout.chunk_size=8", "ppo.rollout_batch=32")
+    paths = resolve_paths(config)
+    inputs = prepare_ppo(config, paths, check_model_folder(paths.ppo_policy, "p"), lambda _: None)
+    lines: list[str] = []
+    rng = random.Random()  # a random point of the iteration, different in every run
+    stream, twin = PromptStream(inputs.prompts, 0), PromptStream(inputs.prompts, 0)
+    kl, moments = FixedKLController(0.05), RunningMoments()
+    with Roles(config, inputs, lines.append) as roles:
+        for it, role in enumerate(("rollout", "reward", "reference")):
+            group = {"rollout": roles.engines, "reward": roles.reward}.get(role, roles.reference)
+            victim = group.actors[0]
+            delay = rng.uniform(0.0, 0.6)
+            timer = threading.Timer(delay, lambda v=victim: ray.kill(v, no_restart=True))
+            timer.start()
+            figures, experience = iteration(config, roles, stream, kl, moments, it, it)
+            timer.join()
+            samples = [s for chunk in ray.get(experience) for s in chunk]
+            # every prompt of the iteration once: none lost, none counted twice
+            wanted = sorted(p["prompt_ids"] for p in twin.take(32))
+            assert sorted(s["prompt_ids"] for s in samples) == wanted, (role, delay)
+            assert {s["version"] for s in samples} == {it}  # the replacement has the weights
+            assert figures["faults/actors_replaced"] == 1, (role, delay, lines)
+            assert group.actors[0] is not victim and group.alive(0)
+            assert any(f"{group.name} rank 0 died or hangs" in line for line in lines), lines
+        # the replaced engine holds the policy's current weights
+        assert ray.get(roles.engines.actors[0].get_version.remote()) == 3
+
+
+@pytest.mark.e2e
+def test_a_reward_model_that_scores_nan_skips_updates_and_stops_the_run(
+    demo_run, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from trainers.pipeline import run
+    from trainers.ppo import NonFiniteError
+
+    demo, _ = demo_run
+    broken = tmp_path / "nan_rm"
+    shutil.copytree(demo / "rm" / "model", broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["score.weight"] = torch.full_like(weights["score.weight"], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(demo / "task", tmp_path / "run" / "task")
+    config = _config(
+        demo,
+        tmp_path / "run",
+        f"ppo.reward_model={broken}",
+        f"ppo.critic_model={demo / 'rm' / 'model'}",
+        "ppo.iterations=3",
+        "ppo.checkpoint_every=1",
+        "ppo.max_skipped_steps=4",
+    )
+    with pytest.raises(NonFiniteError) as e:
+        run(config, log=lambda _: None)
+    message = str(e.value)
+    assert "iteration 1" in message and "4 policy updates in a row were skipped" in message
+    assert "ppo.max_skipped_steps=4" in message and "last good checkpoint is none yet" in message
+    # nothing was trained on NaN, and no checkpoint holds it
+    assert not (tmp_path / "run" / "ppo" / "checkpoints" / "latest").exists()
