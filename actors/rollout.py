@@ -28,6 +28,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.5
     """GPU engine: share of the GPU's memory it may take"""
     torch_threads: int = 1
+    trust_remote_code: bool = False
+    """run code shipped in the model folder (off: only architectures vLLM knows)"""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class RolloutEngine(BusyClock):
             seed=config.seed + rank,
             # log-probs of the distribution actually sampled from (after temperature)
             logprobs_mode="processed_logprobs",
+            trust_remote_code=config.trust_remote_code,
             **kwargs,
         )
 

@@ -10,14 +10,16 @@ from actors.busy import BusyClock
 
 
 class _Frozen(BusyClock):
-    def __init__(self, path: str, kind: str, torch_threads: int, batch_size: int) -> None:
+    def __init__(
+        self, path: str, kind: str, torch_threads: int, batch_size: int, trust_remote_code: bool
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         torch.set_num_threads(torch_threads)
         cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
         self.model = cls.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
         )
         if torch.cuda.is_available():
             self.model = self.model.to("cuda")
@@ -39,9 +41,15 @@ class RewardModel(_Frozen):
     mean, so that they score 0 on average)."""
 
     def __init__(
-        self, rank: int, world_size: int, path: str, torch_threads: int = 1, batch_size: int = 64
+        self,
+        rank: int,
+        world_size: int,
+        path: str,
+        torch_threads: int = 1,
+        batch_size: int = 64,
+        trust_remote_code: bool = False,
     ) -> None:
-        super().__init__(path, "reward", torch_threads, batch_size)
+        super().__init__(path, "reward", torch_threads, batch_size, trust_remote_code)
         self.offset = float(getattr(self.model.config, "reward_offset", 0.0))
 
     def score(self, samples: list[dict[str, Any]]) -> list[float]:
@@ -63,9 +71,15 @@ class ReferencePolicy(_Frozen):
     """Per-token log-probs of the sampled responses under the frozen SFT policy."""
 
     def __init__(
-        self, rank: int, world_size: int, path: str, torch_threads: int = 1, batch_size: int = 64
+        self,
+        rank: int,
+        world_size: int,
+        path: str,
+        torch_threads: int = 1,
+        batch_size: int = 64,
+        trust_remote_code: bool = False,
     ) -> None:
-        super().__init__(path, "causal_lm", torch_threads, batch_size)
+        super().__init__(path, "causal_lm", torch_threads, batch_size, trust_remote_code)
 
     def logprobs(self, samples: list[dict[str, Any]]) -> list[list[float]]:
         import torch

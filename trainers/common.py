@@ -20,7 +20,9 @@ class ModelFolderError(ValueError):
     """A model folder that the run cannot use; names the config field and the folder."""
 
 
-def check_model_folder(path: str | Path, field: str, *, reward: bool = False) -> Any:
+def check_model_folder(
+    path: str | Path, field: str, *, reward: bool = False, trust_remote_code: bool = False
+) -> Any:
     """Check a Hugging Face model folder before any actor starts; returns its tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import (
@@ -39,7 +41,7 @@ def check_model_folder(path: str | Path, field: str, *, reward: bool = False) ->
             "pickle; convert .bin files with save_pretrained(safe_serialization=True))"
         )
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelFolderError(f"{where}: config.json cannot be read ({e})") from None
     if reward and config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
@@ -48,7 +50,7 @@ def check_model_folder(path: str | Path, field: str, *, reward: bool = False) ->
             "in transformers, so it cannot become a reward model"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelFolderError(f"{where}: no usable tokenizer in the folder ({e})") from None
     try:

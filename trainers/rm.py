@@ -139,7 +139,10 @@ def train(
     with learner_group(
         config.learner, config.seed, "rm-learner", cfg.batch_size, config.ray, log
     ) as group:
-        params = group.build(ModelSpec(inputs.model, kind="reward"), optim_spec(cfg.optim, total))
+        params = group.build(
+            ModelSpec(inputs.model, kind="reward", trust_remote_code=config.trust_remote_code),
+            optim_spec(cfg.optim, total),
+        )
         log(
             f"rm: {params:,} parameters on {group.ranks} rank(s); {len(inputs.train)} comparisons"
             f" ({sum(len(e['sequences']) for e in inputs.train)} responses), {total} steps"

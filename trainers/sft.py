@@ -72,7 +72,10 @@ def train(
     with learner_group(
         config.learner, config.seed, "sft-learner", cfg.batch_size, config.ray, log
     ) as group:
-        params = group.build(ModelSpec(inputs.model), optim_spec(cfg.optim, total))
+        params = group.build(
+            ModelSpec(inputs.model, trust_remote_code=config.trust_remote_code),
+            optim_spec(cfg.optim, total),
+        )
         log(
             f"sft: {params:,} parameters on {group.ranks} rank(s), "
             f"ZeRO-{config.learner.zero_stage}; {len(inputs.train)} demonstrations, {total} steps"
