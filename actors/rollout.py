@@ -71,18 +71,32 @@ class RolloutEngine(BusyClock):
         )
 
     def generate(
-        self, prompts: list[list[int]], sampling: Sampling, seeds: list[int] | None = None
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        seeds: list[int] | None = None,
+        reseed: int | None = None,
     ) -> list[dict[str, Any]]:
         """One response per prompt (token ids): [{prompt_ids, response_ids, logprobs,
         finished, version, engine}], in the prompts' order (`engine` is this engine's rank).
 
         `seeds`, one per prompt, makes each response reproducible on its own (an evaluation
         samples two policies with the same seeds); without them the engine's own random stream
-        is used.
+        is used. `reseed` first restarts that stream (a driver reseeds each engine at the start
+        of an iteration, so that a resumed run draws the same samples as one that never
+        stopped, at no cost to the sampler's speed: vLLM samples requests that carry seeds of
+        their own one by one, at about half the speed).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if reseed is not None:
+            import random
+
+            import torch
+
+            random.seed(reseed)
+            torch.manual_seed(reseed)
         params = [
             SamplingParams(
                 temperature=sampling.temperature,

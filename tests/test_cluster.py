@@ -300,10 +300,12 @@ def test_a_submitted_run_places_each_role_on_the_node_its_resources_name(
         follow = _cli("logs", "stop-me", "--follow", "--address", nodes.dashboard, env=nodes.env)
         assert "job stop-me: STOPPED" in follow.stdout
 
-        # the W&B key reached the job but no file, log or listing
-        for text in (submitted.stdout, submitted.stderr, jobs.stdout, logs.stdout):
-            assert key not in text
-        assert _files_containing(run_dir, key) == []
+        # the W&B key reached the job, but neither it nor the cluster's token is in a file of the
+        # run (its config, checkpoints, W&B folder), a log or a listing
+        for secret in (key, nodes.token):
+            for text in (submitted.stdout, submitted.stderr, jobs.stdout, logs.stdout):
+                assert secret not in text
+            assert _files_containing(run_dir, secret) == []
         assert nodes.processes()
     # the test's cluster is gone, every process of it, and the session's cluster still works
     assert nodes.processes() == []

@@ -57,7 +57,7 @@ from trainers.tracking import Tracker, progress
 # the actors hold every CPU of the cluster.
 _make_experience = ray.remote(num_cpus=0)(make_experience)
 
-# Training rollouts take seeds from here up; the evaluation's are below it.
+# Engines are reseeded from here up at each iteration; the evaluation's seeds are below it.
 TRAIN_SEED_BASE = 1_000_000_007
 
 
@@ -338,15 +338,18 @@ def generate(
     sampling: Sampling,
     chunk_size: int,
     seed: int | None = None,
+    reseed: int | None = None,
 ) -> dict[Any, int]:
     """Deal the prompts to the engines in chunks; {ref of a chunk's samples: chunk index}.
-    With `seed`, prompt i is sampled with seed + i, on whichever engine it lands."""
+    With `seed`, prompt i is sampled with seed + i, on whichever engine it lands. With
+    `reseed`, engine r restarts its random stream at reseed + r before its first chunk."""
     engines = roles.engines.actors
     refs = {}
     for i, chunk in enumerate(_chunks(prompts, chunk_size)):
         seeds = None if seed is None else [seed + i * chunk_size + j for j in range(len(chunk))]
+        first = None if reseed is None or i >= len(engines) else reseed + i
         prompt_ids = [p["prompt_ids"] for p in chunk]
-        refs[engines[i % len(engines)].generate.remote(prompt_ids, sampling, seeds)] = i
+        refs[engines[i % len(engines)].generate.remote(prompt_ids, sampling, seeds, first)] = i
     return refs
 
 
@@ -371,12 +374,13 @@ def iteration(
     t0 = time.perf_counter()
 
     # 1-2. generate in chunks; each chunk goes on to reward, reference and critic when it is done
-    # Each prompt of the iteration has its own seed, fixed by the run's seed and the iteration:
-    # the samples do not depend on the engines' random state, so a resumed run draws the same
-    # ones as a run that never stopped (and do not collide with the evaluation's seeds).
-    seed = TRAIN_SEED_BASE * (config.seed + 1) + it * cfg.rollout_batch
+    # Each engine's random stream restarts from a seed fixed by the run's seed and the
+    # iteration, and each engine takes its chunks in a fixed order: the samples do not depend
+    # on what the engines drew before, so a resumed run draws the same ones as a run that never
+    # stopped.
+    reseed = TRAIN_SEED_BASE * (config.seed + 1) + it * 1009
     prompts = stream.take(cfg.rollout_batch)
-    index = generate(roles, prompts, sampling, config.rollout.chunk_size, seed)
+    index = generate(roles, prompts, sampling, config.rollout.chunk_size, reseed=reseed)
 
     def join(done: Any) -> tuple[Any, Any]:
         """The experience of a generated chunk: scored, valued and joined as Ray tasks."""
@@ -405,8 +409,8 @@ def iteration(
     t_generated = time.perf_counter()
 
     # A chunk whose engine, reward or reference actor died (or hung past the deadline) is
-    # issued again, whole, once the actor is replaced; the same seeds give the same samples,
-    # and only the chunk's last attempt is counted.
+    # issued again, whole, once the actor is replaced; only the chunk's last attempt is
+    # counted.
     chunk_stats: list[Any] = [None] * len(index)
     reissued = replaced = 0
     for i, chunk in enumerate(_chunks(prompts, config.rollout.chunk_size)):
@@ -425,9 +429,8 @@ def iteration(
                 reissued += 1
                 roles.log(f"ppo: iteration {it + 1}: chunk {i} issued again")
                 engines = roles.engines.actors
-                seeds = [seed + i * config.rollout.chunk_size + j for j in range(len(chunk))]
                 done = engines[i % len(engines)].generate.remote(
-                    [p["prompt_ids"] for p in chunk], sampling, seeds
+                    [p["prompt_ids"] for p in chunk], sampling
                 )
                 experience[i], stats[i] = join(done)
     for c in chunk_stats:
