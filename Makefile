@@ -29,7 +29,7 @@ export MPLCONFIGDIR := $(CACHE)/matplotlib
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint env clean
+.PHONY: demo test lint env clean bench
 
 env: $(STAMP)
 
@@ -54,6 +54,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest
+
+# The benchmarks (bench/): each prints its table and writes bench/results/NAME.json.
+bench: $(STAMP)
+	$(PY) -m bench.rollout
+	$(PY) -m bench.weight_sync
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

@@ -37,6 +37,8 @@ class Sampling:
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    ignore_eos: bool = False
+    """generate exactly max_new_tokens (benchmarks: the same work for every engine)"""
 
 
 class RolloutEngine(BusyClock):
@@ -103,6 +105,7 @@ class RolloutEngine(BusyClock):
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
                 logprobs=0,  # the sampled token's own log-prob
+                ignore_eos=sampling.ignore_eos,
                 seed=None if seeds is None else seeds[i],
             )
             for i in range(len(prompts))

@@ -629,6 +629,7 @@ def train(
             try:
                 figures, experience = iteration(config, roles, stream, kl, moments, it, it, skips)
             except NonFiniteError as e:
+                bar.close()
                 last = checkpoints.latest()
                 raise NonFiniteError(
                     f"ppo: iteration {it + 1}: {e}. The run stops; the last good checkpoint is "

@@ -1,0 +1,104 @@
+"""The standard benchmark workload, shared by every script in bench/: a random-init Llama
+(hidden 256, MLP 688, 4 layers, 4 heads, vocabulary 512) and 32 prompts of 32 tokens that ask for
+exactly 64 new tokens, fp32, seed 0. The model and its tokenizer are built here (nothing is
+downloaded) into bench/results/, which git ignores."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+ROLLOUTS, PROMPT_TOKENS, NEW_TOKENS, SEED = 32, 32, 64, 0
+STANDARD = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 512,
+}
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def standard_model(folder: Path | None = None, **overrides: int) -> Path:
+    """The standard model (or a resized one) with a word-level tokenizer, as a Hugging Face
+    folder with safetensors weights; built once."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    shape = {**STANDARD, **overrides}
+    name = "llama-" + "-".join(str(shape[k]) for k in sorted(shape))
+    folder = folder or RESULTS / "models" / name
+    if (folder / "config.json").is_file():
+        return folder
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2} | {
+        f"w{i}": i for i in range(3, shape["vocab_size"])
+    }
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
+    )
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    torch.manual_seed(SEED)
+    config = LlamaConfig(
+        **shape,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    fast.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def standard_prompts() -> list[list[int]]:
+    import random
+
+    rng = random.Random(SEED)
+    return [[rng.randrange(3, STANDARD["vocab_size"]) for _ in range(PROMPT_TOKENS)]
+            for _ in range(ROLLOUTS)]  # fmt: skip
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header, *[[f"{c:,.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]]
+    width = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, width, strict=True)) + " |"  # noqa: E731
+    out = [f"\n{title}", line(cells[0]), "|" + "|".join("-" * (w + 2) for w in width) + "|"]
+    return "\n".join(out + [line(r) for r in cells[1:]])
+
+
+def write(name: str, figures: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({**figures, "machine": machine()}, indent=1) + "\n")
+    return path

@@ -1,0 +1,133 @@
+"""Rollout throughput on the standard workload: our engine behind its Ray actor (results
+delivered to the driver) against transformers' `generate` with its KV cache, on the same model,
+prompts and sampling (temperature 1, exactly 64 new tokens), in one run; plus vLLM alone in this
+process, the floor that the actor adds to.
+
+    .venv/bin/python -m bench.rollout [--repeats 5]
+
+Prints a table and writes bench/results/rollout.json."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from bench.common import (
+    NEW_TOKENS,
+    ROLLOUTS,
+    median,
+    standard_model,
+    standard_prompts,
+    table,
+    write,
+)
+
+
+def hf_generate(model_dir: str, prompts: list[list[int]], repeats: int) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+    times = []
+    for r in range(repeats + 1):  # the first is warm-up
+        torch.manual_seed(r)
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                use_cache=True,
+                pad_token_id=0,
+            )
+        times.append(time.perf_counter() - t)
+        assert out.shape == (ROLLOUTS, len(prompts[0]) + NEW_TOKENS)
+    return times[1:]
+
+
+def engine_in_actor(model_dir: str, prompts: list[list[int]], repeats: int) -> list[float]:
+    import ray
+
+    from actors.rollout import EngineConfig, RolloutEngine, Sampling
+    from cluster import ActorGroup, RayRuntime
+
+    sampling = Sampling(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    times = []
+    with (
+        RayRuntime(None, num_cpus=os.cpu_count()),
+        ActorGroup(
+            RolloutEngine,
+            1,
+            name="rollout",
+            num_cpus=1,
+            actor_kwargs={"config": EngineConfig(model=model_dir, max_model_len=128)},
+        ) as engines,
+    ):
+        engine = engines.actors[0]
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            samples = ray.get(engine.generate.remote(prompts, sampling))
+            times.append(time.perf_counter() - t)
+            assert all(len(s["response_ids"]) == NEW_TOKENS for s in samples)
+    return times[1:]
+
+
+def vllm_alone(model_dir: str, prompts: list[list[int]], repeats: int) -> list[float]:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=128, seed=0)
+    params = SamplingParams(temperature=1.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        times.append(time.perf_counter() - t)
+    return times[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # the anchors were measured with one torch thread
+    model_dir, prompts = str(standard_model()), standard_prompts()
+    tokens = ROLLOUTS * NEW_TOKENS
+    hf = median(hf_generate(model_dir, prompts, args.repeats))
+    ours = median(engine_in_actor(model_dir, prompts, args.repeats))
+    alone = median(vllm_alone(model_dir, prompts, args.repeats))
+    rows = [
+        ["transformers generate (KV cache)", hf, tokens / hf, 1.0],
+        ["vLLM alone, in process", alone, tokens / alone, hf / alone],
+        ["our engine in its Ray actor, delivered", ours, tokens / ours, hf / ours],
+    ]
+    print(table(f"rollout: {ROLLOUTS} prompts × {len(prompts[0])} tokens → {NEW_TOKENS} new "
+                "tokens, median of {args.repeats}".replace("{args.repeats}", str(args.repeats)),
+                ["", "seconds", "tokens/s", "× generate"], rows))  # fmt: skip
+    path = write(
+        "rollout",
+        {
+            "engine_tokens_per_s": tokens / ours,
+            "hf_tokens_per_s": tokens / hf,
+            "vllm_alone_tokens_per_s": tokens / alone,
+            "engine_seconds": ours,
+            "hf_seconds": hf,
+            "vllm_alone_seconds": alone,
+        },
+    )
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    main()
