@@ -87,7 +87,7 @@ class RolloutEngine(BusyClock):
         is used. `reseed` first restarts that stream (a driver reseeds each engine at the start
         of an iteration, so that a resumed run draws the same samples as one that never
         stopped, at no cost to the sampler's speed: vLLM samples requests that carry seeds of
-        their own one by one, at about half the speed).
+        their own one by one, which is slower).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
