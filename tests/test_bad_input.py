@@ -153,6 +153,9 @@ CASES = [
      None, ["task.model", "head dimension"]),
     ("data paths missing without a task", {}, ["ppo.prompts=null"], None,
      ["ppo.prompts must be set when task is null"]),
+    # found by the property-based test below: YAML's escapes can make text that is not Unicode
+    ("an unpaired surrogate in a key", {}, ['learner.resources_per_rank={"\\ud800": 1}'], None,
+     ["learner.resources_per_rank.\\ud800", "not valid Unicode"]),
     # -- model folders -----------------------------------------------------------------------
     ("model folder missing", {}, ["sft.model={d}/nowhere"], None,
      ["sft.model", "nowhere", "does not exist"]),

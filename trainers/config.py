@@ -508,6 +508,32 @@ def _describe(err: Any, source: str, overridden: set[str]) -> str:
     return f"{where}: {field}: {msg} (got {err.get('input')!r})"
 
 
+def _check_unicode(node: Any, source: str, overridden: set[str], at: str = "") -> None:
+    """YAML's escapes can make text that is not Unicode (an unpaired surrogate such as \\ud800):
+    refuse it here, naming the field, before anything tries to print or store it."""
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else []
+    )
+    for key, value in items:
+        field = f"{at}.{key}" if at else str(key)
+        for text in (key, value):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    where = "the command line" if field in overridden else source
+                    shown = field.encode("utf-8", "backslashreplace").decode()
+                    raise ConfigError(
+                        f"invalid config:\n  {where}: {shown}: text that is not valid Unicode "
+                        "(an unpaired surrogate escape)"
+                    ) from None
+        _check_unicode(value, source, overridden, field)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a run config from YAML, apply `key.sub=value` overrides, validate it."""
     path = Path(path)
@@ -522,6 +548,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     over = parse_overrides(overrides or [])
     for key, value in over.items():
         _apply(raw, key, value)
+    _check_unicode(raw, str(path), set(over))
     raw.setdefault("name", path.name.removesuffix(".yaml").removesuffix(".yml"))
     if isinstance(raw["name"], str):
         raw.setdefault("output_dir", str(Path("runs") / raw["name"]))
