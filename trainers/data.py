@@ -64,7 +64,19 @@ def _text(record: dict[str, Any], key: str, where: str) -> str:
         raise DataError(f'{where}: field "{key}" must be a string, not {type(value).__name__}')
     if not value.strip():
         raise DataError(f'{where}: field "{key}" is empty')
+    _unicode(value, f'field "{key}"', where)
     return value
+
+
+def _unicode(value: str, what: str, where: str) -> None:
+    """JSON's escapes can make text that is not Unicode (an unpaired surrogate such as \\ud800),
+    which no tokenizer takes: refuse it here, naming the line."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"{where}: {what} is not valid Unicode text (an unpaired surrogate escape)"
+        ) from None
 
 
 def validate(record: Any, kind: Kind, where: str) -> dict[str, Any]:
@@ -89,6 +101,7 @@ def validate(record: Any, kind: Kind, where: str) -> dict[str, Any]:
         for i, r in enumerate(responses):
             if not isinstance(r, str) or not r.strip():
                 raise DataError(f'{where}: "responses"[{i}] must be a non-empty string')
+            _unicode(r, f'"responses"[{i}]', where)
         if len(set(responses)) != len(responses):
             raise DataError(f'{where}: "responses" holds the same response twice')
         out["responses"] = list(responses)
