@@ -203,15 +203,24 @@ def run(
         labeler = labeler_score
 
     # -- check every input before Ray starts --------------------------------------------------
+    checked: set[Path] = set()
+
+    def check(path: Path, field: str, reward: bool = False) -> Any:
+        checked.add(Path(path))
+        return check_model_folder(
+            path, field, reward=reward, trust_remote_code=config.trust_remote_code
+        )
+
+    def check_produced(path: Path, field: str, reward: bool = False) -> None:
+        """At a stage's start: a folder an earlier stage of this run wrote, not checked before."""
+        if Path(path) not in checked:
+            check(path, field, reward)
+
     shared = {"data": plain["data"], "learner": plain["learner"], "seed": config.seed}
     inputs: dict[str, Any] = {}
     # When this run trains SFT, the later stages start from its output, which does not exist
     # yet: their tokenizer is the SFT stage's input tokenizer.
-    sft_tok = (
-        check_model_folder(paths.sft_model, "sft.model", trust_remote_code=config.trust_remote_code)
-        if "sft" in config.stages
-        else None
-    )
+    sft_tok = check(paths.sft_model, "sft.model") if "sft" in config.stages else None
     if sft_tok is not None:
         inputs["sft"] = sft.prepare(
             config, paths.sft_model, paths.sft_train, paths.sft_heldout, sft_tok, log
@@ -220,9 +229,7 @@ def run(
         tok = (
             sft_tok
             if config.rm.model is None and sft_tok is not None
-            else check_model_folder(
-                paths.rm_model, "rm.model", reward=True, trust_remote_code=config.trust_remote_code
-            )
+            else check(paths.rm_model, "rm.model", reward=True)
         )
         inputs["rm"] = rm.prepare(
             config, paths.rm_model, paths.rm_train, paths.rm_heldout, paths.rm_normalize, tok, log
@@ -231,26 +238,16 @@ def run(
         tok = (
             sft_tok
             if config.ppo.policy is None and sft_tok is not None
-            else check_model_folder(
-                paths.ppo_policy, "ppo.policy", trust_remote_code=config.trust_remote_code
-            )
+            else check(paths.ppo_policy, "ppo.policy")
         )
         inputs["ppo"] = prepare_ppo(config, paths, tok, log)
         # folders that exist before the run are checked now, not when the stage starts
-        if config.ppo.reward_model is not None:
-            check_model_folder(
-                paths.ppo_reward,
-                "ppo.reward_model",
-                reward=True,
-                trust_remote_code=config.trust_remote_code,
-            )
-        if config.ppo.critic_model is not None:
-            check_model_folder(
-                paths.ppo_critic,
-                "ppo.critic_model",
-                reward=True,
-                trust_remote_code=config.trust_remote_code,
-            )
+        for given, path, field in (
+            (config.ppo.reward_model, paths.ppo_reward, "ppo.reward_model"),
+            (config.ppo.critic_model, paths.ppo_critic, "ppo.critic_model"),
+        ):
+            if given is not None:
+                check(path, field, reward=True)
 
     # -- run ------------------------------------------------------------------------------------
     tracker = Tracker(
@@ -285,12 +282,7 @@ def run(
                     lambda: sft.train(config, inputs["sft"], paths.sft_out, tracker, log),
                 )
             if "rm" in config.stages:
-                check_model_folder(
-                    paths.rm_model,
-                    "rm.model",
-                    reward=True,
-                    trust_remote_code=config.trust_remote_code,
-                )
+                check_produced(paths.rm_model, "rm.model", reward=True)
                 record = StageRecord(
                     paths.rm_out.parent,
                     {
@@ -309,21 +301,9 @@ def run(
                     lambda: rm.train(config, inputs["rm"], paths.rm_out, tracker, labeler, log),
                 )
             if "ppo" in config.stages:
-                check_model_folder(
-                    paths.ppo_policy, "ppo.policy", trust_remote_code=config.trust_remote_code
-                )
-                check_model_folder(
-                    paths.ppo_reward,
-                    "ppo.reward_model",
-                    reward=True,
-                    trust_remote_code=config.trust_remote_code,
-                )
-                check_model_folder(
-                    paths.ppo_critic,
-                    "ppo.critic_model",
-                    reward=True,
-                    trust_remote_code=config.trust_remote_code,
-                )
+                check_produced(paths.ppo_policy, "ppo.policy")
+                check_produced(paths.ppo_reward, "ppo.reward_model", reward=True)
+                check_produced(paths.ppo_critic, "ppo.critic_model", reward=True)
                 record = StageRecord(
                     paths.ppo_out,
                     {
