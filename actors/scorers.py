@@ -10,14 +10,22 @@ from actors.busy import BusyClock
 
 
 class _Frozen(BusyClock):
+    kind = "causal_lm"  # or "reward": which transformers head to load
+
     def __init__(
-        self, path: str, kind: str, torch_threads: int, batch_size: int, trust_remote_code: bool
+        self,
+        rank: int,
+        world_size: int,
+        path: str,
+        torch_threads: int = 1,
+        batch_size: int = 64,
+        trust_remote_code: bool = False,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         torch.set_num_threads(torch_threads)
-        cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+        cls = AutoModelForSequenceClassification if self.kind == "reward" else AutoModelForCausalLM
         self.model = cls.from_pretrained(
             path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
         )
@@ -40,46 +48,26 @@ class RewardModel(_Frozen):
     """Scores finished sequences: the RM's output minus its `reward_offset` (the demonstrations'
     mean, so that they score 0 on average)."""
 
-    def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        path: str,
-        torch_threads: int = 1,
-        batch_size: int = 64,
-        trust_remote_code: bool = False,
-    ) -> None:
-        super().__init__(path, "reward", torch_threads, batch_size, trust_remote_code)
-        self.offset = float(getattr(self.model.config, "reward_offset", 0.0))
+    kind = "reward"
 
     def score(self, samples: list[dict[str, Any]]) -> list[float]:
         import torch
 
         scores: list[float] = []
         with torch.no_grad(), self.busy():
+            offset = float(getattr(self.model.config, "reward_offset", 0.0))
             for b in self._batches(samples):
                 out = self.model(
                     input_ids=b["input_ids"],
                     attention_mask=b["attention_mask"],
                     position_ids=b["position_ids"],
                 )
-                scores.extend((out.logits[:, 0].float() - self.offset).tolist())
+                scores.extend((out.logits[:, 0].float() - offset).tolist())
         return scores
 
 
 class ReferencePolicy(_Frozen):
     """Per-token log-probs of the sampled responses under the frozen SFT policy."""
-
-    def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        path: str,
-        torch_threads: int = 1,
-        batch_size: int = 64,
-        trust_remote_code: bool = False,
-    ) -> None:
-        super().__init__(path, "causal_lm", torch_threads, batch_size, trust_remote_code)
 
     def logprobs(self, samples: list[dict[str, Any]]) -> list[list[float]]:
         import torch
