@@ -104,9 +104,10 @@ class ActorGroup:
         if not placed:
             remove_placement_group(self.placement_group)
             raise PlacementError(
-                f"{name}: {n} × {_fmt(self.bundle)} could not be placed within {waited:.0f} s; "
-                f"the cluster has {_fmt(ray.cluster_resources())}, free now "
-                f"{_fmt(ray.available_resources())}"
+                f"{name}: {n} × {format_resources(self.bundle)} could not be placed within "
+                f"{waited:.0f} s; "
+                f"the cluster has {format_resources(ray.cluster_resources())}, free now "
+                f"{format_resources(ray.available_resources())}"
             )
         remote_cls = ray.remote(actor_cls)
         options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
@@ -166,29 +167,32 @@ class ActorGroup:
             return True
         if autoscaling:
             return False
-        listing = "; ".join(f"{node['ip']} {_fmt(node['resources'])}" for node in nodes)
+        listing = "; ".join(f"{node['ip']} {format_resources(node['resources'])}" for node in nodes)
         problem = (
-            f"no node can host one rank of {_fmt(bundle)}"
+            f"no node can host one rank of {format_resources(bundle)}"
             if not one_node
-            else f"the whole cluster has {_fmt(total)}"
+            else f"the whole cluster has {format_resources(total)}"
         )
         raise PlacementError(
-            f"{self.name}: needs {n} × {_fmt(bundle)} = {_fmt(asked)} but {problem}. "
+            f"{self.name}: needs {n} × {format_resources(bundle)} = {format_resources(asked)} "
+            f"but {problem}. "
             f"Nodes: {listing}. Lower the group's size or its resources per rank, add nodes, or "
             "set ray.autoscaling if the cluster has an autoscaler"
         )
 
     def _wait_for_autoscaler(self, timeout_s: float, log: Callable[[str], None]) -> bool:
         log(
-            f"{self.name}: {self.n} × {_fmt(self.bundle)} does not fit the cluster as it is "
-            f"({_fmt(ray.cluster_resources())}); waiting up to {timeout_s:.0f} s for the "
+            f"{self.name}: {self.n} × {format_resources(self.bundle)} does not fit the cluster as "
+            f"it is ({format_resources(ray.cluster_resources())}); waiting up to {timeout_s:.0f} s "
+            "for the "
             "autoscaler to add nodes"
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.placement_group.wait(timeout_seconds=min(30.0, deadline - time.monotonic())):
                 log(
-                    f"{self.name}: placed after the cluster grew to {_fmt(ray.cluster_resources())}"
+                    f"{self.name}: placed after the cluster grew to "
+                    f"{format_resources(ray.cluster_resources())}"
                 )
                 return True
             left = deadline - time.monotonic()
@@ -284,9 +288,6 @@ def format_resources(resources: dict[str, float]) -> str:
     if resources.get("memory"):
         keep["memory_gb"] = round(resources["memory"] / GiB, 1)
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(keep.items())) + "}"
-
-
-_fmt = format_resources  # the short name, for messages
 
 
 def split_evenly(items: Sequence[Any], n: int) -> list[list[Any]]:
