@@ -77,6 +77,20 @@ def standard_model(folder: Path | None = None, **overrides: int) -> Path:
     return folder
 
 
+def engine_group(model_dir: str, n: int = 1, num_cpus: float = 1.0, **config: Any) -> Any:
+    """`n` rollout engines (our RolloutEngine actors) on `model_dir`; use as a context manager."""
+    from actors.rollout import EngineConfig, RolloutEngine
+    from cluster import ActorGroup
+
+    return ActorGroup(
+        RolloutEngine,
+        n,
+        name="rollout",
+        num_cpus=num_cpus,
+        actor_kwargs={"config": EngineConfig(model=model_dir, max_model_len=128, **config)},
+    )
+
+
 def standard_prompts() -> list[list[int]]:
     import random
 

@@ -16,6 +16,7 @@ import time
 from bench.common import (
     NEW_TOKENS,
     ROLLOUTS,
+    engine_group,
     median,
     standard_model,
     standard_prompts,
@@ -55,20 +56,14 @@ def hf_generate(model_dir: str, prompts: list[list[int]], repeats: int) -> list[
 def engine_in_actor(model_dir: str, prompts: list[list[int]], repeats: int) -> list[float]:
     import ray
 
-    from actors.rollout import EngineConfig, RolloutEngine, Sampling
-    from cluster import ActorGroup, RayRuntime
+    from actors.rollout import Sampling
+    from cluster import RayRuntime
 
     sampling = Sampling(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     times = []
     with (
         RayRuntime(None, num_cpus=os.cpu_count()),
-        ActorGroup(
-            RolloutEngine,
-            1,
-            name="rollout",
-            num_cpus=1,
-            actor_kwargs={"config": EngineConfig(model=model_dir, max_model_len=128)},
-        ) as engines,
+        engine_group(model_dir) as engines,
     ):
         engine = engines.actors[0]
         for _ in range(repeats + 1):

@@ -12,7 +12,7 @@ import argparse
 import os
 import time
 
-from bench.common import median, standard_model, table, write
+from bench.common import engine_group, median, standard_model, table, write
 
 # (label, shape overrides of the standard model)
 SIZES = [
@@ -30,20 +30,12 @@ def object_store(model_dir: str, repeats: int) -> tuple[int, int, list[float]]:
     import ray
 
     from actors.learner import EngineSpec, LearnerGroup, ModelSpec, OptimSpec
-    from actors.rollout import EngineConfig, RolloutEngine
-    from cluster import ActorGroup
 
     with (
         LearnerGroup(
             name="policy", ranks=1, engine=EngineSpec(backend="gloo"), cpus_per_rank=0.5
         ) as policy,
-        ActorGroup(
-            RolloutEngine,
-            1,
-            name="rollout",
-            num_cpus=0.5,
-            actor_kwargs={"config": EngineConfig(model=model_dir, max_model_len=128)},
-        ) as engines,
+        engine_group(model_dir, num_cpus=0.5) as engines,
     ):
         params = policy.build(ModelSpec(model_dir), OptimSpec(lr=1e-4, total_steps=1))
         times = []
