@@ -1,4 +1,5 @@
-"""How long an actor worked: roles that overlap in wall time report their own busy seconds."""
+"""How long an actor worked (roles that overlap in wall time report their own busy seconds),
+and the most memory it held."""
 
 from __future__ import annotations
 
@@ -24,3 +25,16 @@ class BusyClock:
     def take_busy_seconds(self) -> float:
         seconds, self._busy_seconds = self._busy_seconds, 0.0
         return seconds
+
+    def peak_memory_gb(self) -> dict[str, float]:
+        """The process's peak resident memory and, on a GPU, torch's peak allocation."""
+        import resource
+        import sys
+
+        import torch
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB (bytes on macOS)
+        peak = {"rss_gb": rss / (2**30 if sys.platform == "darwin" else 2**20)}
+        if torch.cuda.is_available():
+            peak["gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return peak

@@ -166,7 +166,7 @@ def test_the_number_of_engines_follows_the_config_and_both_generate(demo_run) ->
             assert len(roles.engines.actors) == engines
             placed = roles.placement()["rollout"]
             assert [r["rank"] for r in placed] == list(range(engines))
-            figures, experience = iteration(
+            figures, experience, _ = iteration(
                 config,
                 roles,
                 PromptStream(inputs.prompts, 0),

@@ -31,7 +31,7 @@ def _config(demo: Path, out: Path, *extra: str):
 
 
 @pytest.mark.integration
-def test_killed_engine_reward_and_reference_actors_are_replaced_and_nothing_is_lost(
+def test_killed_engine_reward_reference_and_joiner_actors_are_replaced_and_nothing_is_lost(
     demo_run, tmp_path: Path
 ) -> None:
     import ray
@@ -51,13 +51,18 @@ def test_killed_engine_reward_and_reference_actors_are_replaced_and_nothing_is_l
     stream, twin = PromptStream(inputs.prompts, 0), PromptStream(inputs.prompts, 0)
     kl, moments = FixedKLController(0.05), RunningMoments()
     with Roles(config, inputs, lines.append) as roles:
-        for it, role in enumerate(("rollout", "reward", "reference")):
-            group = {"rollout": roles.engines, "reward": roles.reward}.get(role, roles.reference)
+        kinds = {
+            "rollout": roles.engines,
+            "reward": roles.reward,
+            "reference": roles.reference,
+            "joiner": roles.joiner,
+        }
+        for it, (role, group) in enumerate(kinds.items()):
             victim = group.actors[0]
             delay = rng.uniform(0.0, 0.6)
             timer = threading.Timer(delay, lambda v=victim: ray.kill(v, no_restart=True))
             timer.start()
-            figures, experience = iteration(config, roles, stream, kl, moments, it, it)
+            figures, experience, _ = iteration(config, roles, stream, kl, moments, it, it)
             timer.join()
             samples = [s for chunk in ray.get(experience) for s in chunk]
             # every prompt of the iteration once: none lost, none counted twice
@@ -68,7 +73,7 @@ def test_killed_engine_reward_and_reference_actors_are_replaced_and_nothing_is_l
             assert group.actors[0] is not victim and group.alive(0)
             assert any(f"{group.name} rank 0 died or hangs" in line for line in lines), lines
         # the replaced engine holds the policy's current weights
-        assert ray.get(roles.engines.actors[0].get_version.remote()) == 3
+        assert ray.get(roles.engines.actors[0].get_version.remote()) == 4
 
 
 @pytest.mark.e2e

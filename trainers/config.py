@@ -94,7 +94,8 @@ class LearnerConfig(Section):
     ranks: int = Field(default=2, ge=1)
     """DeepSpeed ranks (Ray actors) that together host one ZeRO engine"""
     zero_stage: Literal[2, 3] = 2
-    """ZeRO stage: 2 shards optimizer states and gradients, 3 also the parameters"""
+    """ZeRO stage: 2 shards optimizer states and gradients, 3 also the parameters (a group of
+    one rank has nothing to shard and trains without ZeRO, the same update)"""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """collective backend: auto is nccl when the ranks have GPUs, else gloo"""
     cpus_per_rank: float = Field(default=1.0, gt=0)
@@ -306,6 +307,9 @@ class PPOConfig(Section):
     """sampling temperature (the policy's log-probs use the same)"""
     top_p: float = Field(default=1.0, gt=0, le=1)
     """nucleus sampling"""
+    ignore_eos: bool = False
+    """generate exactly max_new_tokens per response, past the end-of-sequence token (for
+    benchmarks on a fixed workload)"""
     epochs: int = Field(default=1, ge=1)
     """PPO epochs over each iteration's experience"""
     minibatch_size: int = Field(default=16, ge=1)
@@ -333,6 +337,10 @@ class PPOConfig(Section):
     """demonstrations per policy step for the ptx term"""
     entropy_coef: float = Field(default=0.0, ge=0)
     """weight of an entropy bonus in the policy loss"""
+    overlap: bool = False
+    """overlapped mode: the engines generate the next iteration's batch (with the weights of one
+    version before) while the learners train on this one; each sample carries the weight version
+    that generated it and the PPO ratio is taken against that version's log-probs"""
     chunk_retries: int = Field(default=3, ge=0)
     """times a chunk of prompts is issued again after the engine, reward or reference actor that
     worked on it died or hung (the actor is replaced first); then the run stops"""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors.joiner import Joiner
 from actors.learner import LearnerGroup, ModelSpec
 from actors.rollout import EngineConfig, RolloutEngine, Sampling
 from actors.scorers import ReferencePolicy, RewardModel
@@ -52,10 +53,6 @@ from trainers.objectives import (
 from trainers.ppo_math import AdaptiveKLController, FixedKLController, RunningMoments
 from trainers.sft import demonstration_loss
 from trainers.tracking import Tracker, progress
-
-# Joining a chunk is a few tensor operations: it takes no CPU reservation, so it can run while
-# the actors hold every CPU of the cluster.
-_make_experience = ray.remote(num_cpus=0)(make_experience)
 
 # Engines are reseeded from here up at each iteration; the evaluation's seeds are below it.
 TRAIN_SEED_BASE = 1_000_000_007
@@ -208,6 +205,19 @@ class Roles:
                 },
             )
         )
+        # Joining a chunk's experience is a few tensor operations: the joiner reserves no CPU
+        # (only the memory it holds), so it runs while the other actors hold every CPU.
+        self.joiner = self._add(
+            ActorGroup(
+                Joiner,
+                1,
+                name="joiner",
+                num_cpus=0,
+                memory_gb=0.5,
+                placement_timeout_s=config.learner.placement_timeout_s,
+                call_timeout_s=config.learner.collective_timeout_s,
+            )
+        )
         self.reward = self._scorer(RewardModel, "reward", config, inputs.reward_model, log)
         self.reference = self._scorer(ReferencePolicy, "reference", config, inputs.policy, log)
         self.policy: LearnerGroup = self._add(
@@ -237,7 +247,7 @@ class Roles:
         what was replaced. If nothing was and `cause` is no actor's death or hang (a bug, bad
         data), `cause` is raised again: it would fail the same way when issued again."""
         replaced = []
-        for group in (self.engines, self.reward, self.reference):
+        for group in (self.engines, self.reward, self.reference, self.joiner):
             for rank in range(group.n):
                 if group.alive(rank):
                     continue
@@ -262,10 +272,14 @@ class Roles:
                 raise cause
         return replaced
 
+    def submit_sync(self, version: int) -> list[Any]:
+        """Send the policy's weights to every engine (through the object store), as `version`;
+        returns the refs of the engines' loads."""
+        return self.engines.submit("load_weights", self.policy.publish_weights(), version)
+
     def sync_weights(self, version: int) -> None:
-        """The policy's weights to every engine (through the object store), as `version`."""
-        weights = self.policy.publish_weights()
-        self.engines.get(self.engines.submit("load_weights", weights, version), "load_weights")
+        """The policy's weights to every engine, as `version`, loaded when this returns."""
+        self.engines.get(self.submit_sync(version), "load_weights")
 
     def placement(self) -> dict[str, list[dict[str, Any]]]:
         """Where every rank of every role runs: {role: [{rank, node_id, ip, node_resources}]}."""
@@ -353,6 +367,146 @@ def generate(
     return refs
 
 
+@dataclass
+class Rollout:
+    """One iteration's batch in the making: its chunks' generation refs and, as each chunk is
+    generated, its experience (scored, valued and joined as Ray tasks). The KL coefficient and
+    the reward scale it is scored with are fixed when it starts, so that a resumed run scores it
+    the same."""
+
+    it: int
+    chunks: list[list[list[int]]]  # each chunk's prompt ids
+    sampling: Sampling
+    beta: float
+    reward_scale: float
+    index: dict[Any, int]  # a chunk's generation ref -> its index
+    started: float
+    waiting: list[Any] = field(default_factory=list)  # generation refs not joined yet
+    experience: list[Any] = field(default_factory=list)
+    stats: list[Any] = field(default_factory=list)
+    generated: float | None = None  # when its last chunk was generated
+
+    def __post_init__(self) -> None:
+        self.waiting = list(self.index)
+        self.experience = [None] * len(self.chunks)
+        self.stats = [None] * len(self.chunks)
+
+    def samples(self, timeout: float) -> list[list[dict[str, Any]]]:
+        """The generated samples of every chunk (waits for the generation to end)."""
+        order = sorted(self.index, key=self.index.__getitem__)
+        return ray.get(order, timeout=timeout)
+
+
+def start_rollout(
+    config: RunConfig,
+    roles: Roles,
+    stream: PromptStream,
+    kl: FixedKLController,
+    scores: RunningMoments,
+    it: int,
+    generated: list[list[dict[str, Any]]] | None = None,
+) -> Rollout:
+    """Take iteration `it`'s prompts and deal them to the engines. `generated`: its samples as
+    a checkpoint kept them (overlapped mode), joined again instead of generated again."""
+    cfg = config.ppo
+    sampling = Sampling(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        ignore_eos=cfg.ignore_eos,
+    )
+    scale = max(scores.std, 1e-8) if cfg.normalize_reward else 1.0
+    if generated is not None:
+        chunks = [[s["prompt_ids"] for s in chunk] for chunk in generated]
+        index = {ray.put(chunk): i for i, chunk in enumerate(generated)}
+    else:
+        # Each engine's random stream restarts from a seed fixed by the run's seed and the
+        # iteration, and each engine takes its chunks in a fixed order: the samples do not
+        # depend on what the engines drew before, so a resumed run draws the same ones as a run
+        # that never stopped.
+        reseed = TRAIN_SEED_BASE * (config.seed + 1) + it * 1009
+        prompts = stream.take(cfg.rollout_batch)
+        chunks = [[p["prompt_ids"] for p in c] for c in _chunks(prompts, config.rollout.chunk_size)]
+        index = generate(roles, prompts, sampling, config.rollout.chunk_size, reseed=reseed)
+    return Rollout(it, chunks, sampling, kl.beta, scale, index, time.perf_counter())
+
+
+def _join(config: RunConfig, roles: Roles, rollout: Rollout, done: Any) -> tuple[Any, Any]:
+    """The experience of a generated chunk: scored, valued and joined as Ray tasks."""
+    cfg = config.ppo
+    return (
+        roles.joiner.actors[0]
+        .run.options(num_returns=2)
+        .remote(
+            make_experience,
+            done,
+            roles.reward.actors[0].score.remote(done),
+            roles.reference.actors[0].logprobs.remote(done),
+            *roles.critic.submit_forward_slice(done, partial(sample_values, pad_id=roles.pad_id)),
+            beta=rollout.beta,
+            estimator=cfg.kl.estimator,
+            gamma=cfg.gamma,
+            lam=cfg.lam,
+            reward_clip=cfg.reward_clip,
+            reward_scale=rollout.reward_scale,
+        )
+    )
+
+
+def pump(config: RunConfig, roles: Roles, rollout: Rollout, busy: list[Any] | None = None) -> None:
+    """Join the rollout's chunks as their generation ends, until every chunk is generated or,
+    with `busy` (refs of other work), until all of `busy` is done. Chunks that do not end within
+    the deadline are left to `collect`, which issues them again."""
+    timeout = config.learner.collective_timeout_s
+    busy = list(busy or [])
+    while rollout.waiting:
+        if busy:
+            _, busy = ray.wait(busy, num_returns=len(busy), timeout=0)
+            if not busy:
+                return
+        ready, _ = ray.wait(rollout.waiting + busy, num_returns=1, timeout=timeout)
+        if not ready:  # nothing ended within the deadline: hangs are handled by `collect`
+            return
+        for done in ready:
+            if done in rollout.index and done in rollout.waiting:
+                rollout.waiting.remove(done)
+                i = rollout.index[done]
+                rollout.experience[i], rollout.stats[i] = _join(config, roles, rollout, done)
+    if rollout.generated is None:
+        rollout.generated = time.perf_counter()
+
+
+def collect(
+    config: RunConfig, roles: Roles, rollout: Rollout, version: int
+) -> tuple[list[dict[str, Any]], int, int]:
+    """Every chunk's statistics, once its experience is joined. A chunk whose engine, reward or
+    reference actor died (or hung past the deadline) is issued again, whole, once the actor is
+    replaced; only its last attempt counts. Returns (chunk stats, reissued, replaced)."""
+    cfg = config.ppo
+    timeout = config.learner.collective_timeout_s
+    chunk_stats: list[Any] = [None] * len(rollout.chunks)
+    reissued = replaced = 0
+    for i, prompt_ids in enumerate(rollout.chunks):
+        for attempt in range(cfg.chunk_retries + 1):
+            try:
+                if rollout.stats[i] is None:
+                    raise GetTimeoutError(f"chunk {i} did not finish within {timeout:.0f} s")
+                chunk_stats[i] = ray.get(rollout.stats[i], timeout=timeout)
+                break
+            except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                if attempt == cfg.chunk_retries:
+                    raise RemoteCallError(
+                        f"ppo: chunk {i} failed {attempt + 1} times: {_first_line(e)}"
+                    ) from e
+                replaced += len(roles.recover(version, e))
+                reissued += 1
+                roles.log(f"ppo: iteration {rollout.it + 1}: chunk {i} issued again")
+                engines = roles.engines.actors
+                done = engines[i % len(engines)].generate.remote(prompt_ids, rollout.sampling)
+                rollout.experience[i], rollout.stats[i] = _join(config, roles, rollout, done)
+    return chunk_stats, reissued, replaced
+
+
 def iteration(
     config: RunConfig,
     roles: Roles,
@@ -362,77 +516,23 @@ def iteration(
     version: int,
     it: int,
     skips: SkipGuard | None = None,
-) -> tuple[dict[str, float], list[Any]]:
-    """One PPO iteration; returns its figures and the refs of its experience chunks. `scores`
+    rollout: Rollout | None = None,
+) -> tuple[dict[str, float], list[Any], Rollout | None]:
+    """One PPO iteration, on `rollout` (started by the iteration before, in overlapped mode) or
+    on a batch it generates now. Returns its figures, the refs of its experience chunks and, in
+    overlapped mode, the next iteration's rollout, generated while this one trained. `scores`
     holds the running moments of the RM scores (used when ppo.normalize_reward is on)."""
     cfg = config.ppo
     pad_id = roles.pad_id
-    timeout = config.learner.collective_timeout_s
-    sampling = Sampling(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
-    )
     t0 = time.perf_counter()
 
     # 1-2. generate in chunks; each chunk goes on to reward, reference and critic when it is done
-    # Each engine's random stream restarts from a seed fixed by the run's seed and the
-    # iteration, and each engine takes its chunks in a fixed order: the samples do not depend
-    # on what the engines drew before, so a resumed run draws the same ones as a run that never
-    # stopped.
-    reseed = TRAIN_SEED_BASE * (config.seed + 1) + it * 1009
-    prompts = stream.take(cfg.rollout_batch)
-    index = generate(roles, prompts, sampling, config.rollout.chunk_size, reseed=reseed)
-
-    def join(done: Any) -> tuple[Any, Any]:
-        """The experience of a generated chunk: scored, valued and joined as Ray tasks."""
-        return _make_experience.options(num_returns=2).remote(
-            done,
-            roles.reward.actors[0].score.remote(done),
-            roles.reference.actors[0].logprobs.remote(done),
-            *roles.critic.submit_forward_slice(done, partial(sample_values, pad_id=pad_id)),
-            beta=kl.beta,
-            estimator=cfg.kl.estimator,
-            gamma=cfg.gamma,
-            lam=cfg.lam,
-            reward_clip=cfg.reward_clip,
-            reward_scale=max(scores.std, 1e-8) if cfg.normalize_reward else 1.0,
-        )
-
-    experience: list[Any] = [None] * len(index)
-    stats: list[Any] = [None] * len(index)
-    waiting = list(index)
-    while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=1, timeout=timeout)
-        if not ready:  # the rest hang: they are issued again below, after recovery
-            break
-        [done] = ready
-        experience[index[done]], stats[index[done]] = join(done)
+    if rollout is None:
+        rollout = start_rollout(config, roles, stream, kl, scores, it)
+    pump(config, roles, rollout)
     t_generated = time.perf_counter()
-
-    # A chunk whose engine, reward or reference actor died (or hung past the deadline) is
-    # issued again, whole, once the actor is replaced; only the chunk's last attempt is
-    # counted.
-    chunk_stats: list[Any] = [None] * len(index)
-    reissued = replaced = 0
-    for i, chunk in enumerate(_chunks(prompts, config.rollout.chunk_size)):
-        for attempt in range(cfg.chunk_retries + 1):
-            try:
-                if stats[i] is None:
-                    raise GetTimeoutError(f"chunk {i} did not finish within {timeout:.0f} s")
-                chunk_stats[i] = ray.get(stats[i], timeout=timeout)
-                break
-            except (RayActorError, RayTaskError, GetTimeoutError) as e:
-                if attempt == cfg.chunk_retries:
-                    raise RemoteCallError(
-                        f"ppo: chunk {i} failed {attempt + 1} times: {_first_line(e)}"
-                    ) from e
-                replaced += len(roles.recover(version, e))
-                reissued += 1
-                roles.log(f"ppo: iteration {it + 1}: chunk {i} issued again")
-                engines = roles.engines.actors
-                done = engines[i % len(engines)].generate.remote(
-                    [p["prompt_ids"] for p in chunk], sampling
-                )
-                experience[i], stats[i] = join(done)
+    chunk_stats, reissued, replaced = collect(config, roles, rollout, version)
+    experience = rollout.experience
     for c in chunk_stats:
         scores.update_from_sums(c["samples"], c["score_sum"], c["score_sq_sum"])
     figures = summarize(chunk_stats)
@@ -469,13 +569,24 @@ def iteration(
         partial(value_objective, clip=cfg.value_clip),
         partial(critic_batch, pad_id=pad_id),
     )
+    # overlapped: the engines generate the next batch with the weights they hold (this
+    # iteration's, one version behind the policy it will train) while the learners train
+    upcoming = None
+    if cfg.overlap and it + 1 < cfg.iterations:
+        upcoming = start_rollout(config, roles, stream, kl, scores, it + 1)
+        pump(config, roles, upcoming, busy=[*policy_refs, *critic_refs])
     policy_steps = LearnerGroup.sum_shares(roles.policy.group.get(policy_refs, "train_on"))
     critic_steps = LearnerGroup.sum_shares(roles.critic.group.get(critic_refs, "train_on"))
     t_trained = time.perf_counter()
 
-    # 4. the new weights go to every engine (an engine that died since is replaced, with them)
+    # 4. the new weights go to every engine (an engine that died since is replaced, with them);
+    # an engine still generating the next batch loads them when it has finished, and the
+    # batch's chunks are joined meanwhile
     try:
-        roles.sync_weights(version + 1)
+        syncing = roles.submit_sync(version + 1)
+        if upcoming is not None:
+            pump(config, roles, upcoming, busy=syncing)
+        roles.engines.get(syncing, "load_weights")
     except RemoteCallError as e:
         replaced += len(roles.recover(version + 1, e))
         roles.sync_weights(version + 1)
@@ -494,7 +605,6 @@ def iteration(
             replaced += len(roles.recover(version + 1, e))
     figures["faults/actors_replaced"] = float(replaced)
     lag = version - figures.pop("oldest_version")
-    beta = kl.beta
     kl.update(figures["kl"], n)
     for name, steps in (("policy", policy_steps), ("critic", critic_steps)):
         # a skipped update (non-finite loss) is counted, and left out of the averages
@@ -508,17 +618,19 @@ def iteration(
             skips.update(name, steps)
     figures.update(
         {
-            "beta": beta,
+            "beta": rollout.beta,
             "weight_version_lag": lag,
-            "time/generate": t_generated - t0,
+            "time/generate": (rollout.generated or t_generated) - rollout.started,
+            "time/wait_for_generation": t_generated - t0,
             "time/score_after_generate": t_scored - t_generated,
             "time/train": t_trained - t_scored,
             "time/weight_sync": t_synced - t_trained,
             "time/iteration": t_synced - t0,
-            "tokens_per_second": figures["tokens"] / max(t_generated - t0, 1e-9),
+            "tokens_per_second": figures["tokens"]
+            / max((rollout.generated or t_generated) - rollout.started, 1e-9),
         }
     )
-    return figures, experience
+    return figures, experience, upcoming
 
 
 def sample_policy(
@@ -583,6 +695,7 @@ def train(
     moments = RunningMoments()
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     skips = SkipGuard(cfg.max_skipped_steps)
+    upcoming: Rollout | None = None
     if restart:
         import shutil
 
@@ -618,6 +731,12 @@ def train(
             before, sft_demo_loss = state["before"], state["sft_demo_loss"]
             start, tokens = state["iteration"], state["tokens"]
             generate_seconds, started = state["generate_seconds"], started - state["seconds"]
+            if state.get("upcoming") is not None:  # overlapped: the batch generated meanwhile
+                upcoming = start_rollout(
+                    config, roles, stream, kl, moments, start, state["upcoming"]["samples"]
+                )
+                upcoming.beta = state["upcoming"]["beta"]
+                upcoming.reward_scale = state["upcoming"]["reward_scale"]
             log(f"ppo: resumed from {latest} after iteration {start}")
         else:
             before = sample_policy(roles, inputs, config, labeler)
@@ -627,7 +746,9 @@ def train(
         bar.update(start)
         for it in range(start, cfg.iterations):
             try:
-                figures, experience = iteration(config, roles, stream, kl, moments, it, it, skips)
+                figures, experience, upcoming = iteration(
+                    config, roles, stream, kl, moments, it, it, skips, upcoming
+                )
             except NonFiniteError as e:
                 bar.close()
                 last = checkpoints.latest()
@@ -651,6 +772,15 @@ def train(
                         "tokens": tokens,
                         "generate_seconds": generate_seconds,
                         "seconds": time.perf_counter() - started,
+                        # overlapped: the next batch, generated by the weights before this
+                        # checkpoint's, is kept (and scored again on resume)
+                        "upcoming": None
+                        if upcoming is None
+                        else {
+                            "samples": upcoming.samples(config.learner.collective_timeout_s),
+                            "beta": upcoming.beta,
+                            "reward_scale": upcoming.reward_scale,
+                        },
                     },
                 )
             row = {f"ppo/{k}": v for k, v in figures.items()}
