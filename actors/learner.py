@@ -300,6 +300,30 @@ class Learner(BusyClock):
         state = self.state_dict()
         return None if state is None else ray.put(state)
 
+    def join_weight_group(
+        self, address: tuple[str, int], world_size: int, backend: str, timeout_s: float
+    ) -> None:
+        """Rank 0: join the broadcast sync group as its sender (collective with the engines)."""
+        from actors.weightsync import WeightGroup
+
+        self.weight_group = WeightGroup(address, 0, world_size, backend, timeout_s)
+
+    def weight_layout(self) -> list[Any] | None:
+        """Rank 0: names, shapes and dtypes of the full weights (what the engines receive
+        into); None on the others. Collective."""
+        from actors.weightsync import layout
+
+        state = self.state_dict()
+        return None if state is None else layout(state)
+
+    def broadcast_weights(self, bucket_bytes: int) -> int:
+        """Every rank (ZeRO-3 gathers collectively); rank 0 broadcasts the full weights to the
+        engines of its sync group. Returns the bytes sent (0 on the other ranks)."""
+        state = self.state_dict()
+        if state is None:
+            return 0
+        return int(self.weight_group.send(state, bucket_bytes))
+
     def save(self, path: str, config_updates: dict[str, Any] | None = None) -> None:
         """Write a Hugging Face folder (safetensors + tokenizer) at `path`. Collective.
 
@@ -437,6 +461,33 @@ class LearnerGroup:
     def publish_weights(self) -> Any:
         """An object ref to the full weights (a Hugging Face state dict)."""
         return next(ref for ref in self.group.call("publish_weights") if ref is not None)
+
+    def open_weight_group(self, engines: ActorGroup, backend: str, timeout_s: float) -> None:
+        """Form the broadcast sync group of rank 0 and every engine of `engines`."""
+        import ray
+
+        sender = self.group.actors[0]
+        address = ray.get(sender.address.remote(), timeout=timeout_s)  # a free port on its node
+        world = engines.n + 1
+        joins = [sender.join_weight_group.remote(address, world, backend, timeout_s)]
+        joins += [a.join_weight_group.remote(address, world, backend, timeout_s)
+                  for a in engines.actors]  # fmt: skip
+        self.group.get(joins[:1], "join_weight_group")
+        engines.get(joins[1:], "join_weight_group")
+        self.weight_layout = self.group.call("weight_layout")[0]
+        self.weight_members = [a._actor_id for a in engines.actors]
+        self.weight_backend, self.weight_timeout_s = backend, timeout_s
+
+    def submit_broadcast(
+        self, engines: ActorGroup, version: int, bucket_bytes: int
+    ) -> tuple[list[Any], list[Any]]:
+        """Start a broadcast sync of the weights to `engines`, as `version`: (the policy's refs,
+        the engines' refs). An engine replaced since the group formed makes it form again."""
+        if [a._actor_id for a in engines.actors] != self.weight_members:
+            self.open_weight_group(engines, self.weight_backend, self.weight_timeout_s)
+        sending = self.group.submit("broadcast_weights", bucket_bytes)
+        receiving = engines.submit("receive_weights", self.weight_layout, bucket_bytes, version)
+        return sending, receiving
 
     def save(self, path: str | Path, config_updates: dict[str, Any] | None = None) -> None:
         self.group.call("save", str(path), config_updates)

@@ -140,6 +140,24 @@ class RolloutEngine(BusyClock):
         self.version = version
         return version
 
+    def join_weight_group(
+        self, address: tuple[str, int], world_size: int, backend: str, timeout_s: float
+    ) -> None:
+        """Join the broadcast sync group as receiver `rank + 1` (collective with the sender)."""
+        from actors.weightsync import WeightGroup
+
+        self.weight_group = WeightGroup(address, self.rank + 1, world_size, backend, timeout_s)
+
+    def receive_weights(self, entries: list[Any], bucket_bytes: int, version: int) -> int:
+        """Receive the weights that the policy's rank 0 broadcasts, and load them in place."""
+        self.llm.collective_rpc(
+            "reload_weights",
+            kwargs={"weights_iterator": self.weight_group.receive(entries, bucket_bytes)},
+        )
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return version
+
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(token_t | tokens_<t) for t >= 1 of each sequence, as the engine computes them
         (what it would sample with): a check that its weights are the ones sent."""

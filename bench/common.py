@@ -77,7 +77,9 @@ def standard_model(folder: Path | None = None, **overrides: int) -> Path:
     return folder
 
 
-def engine_group(model_dir: str, n: int = 1, num_cpus: float = 1.0, **config: Any) -> Any:
+def engine_group(
+    model_dir: str, n: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0, **config: Any
+) -> Any:
     """`n` rollout engines (our RolloutEngine actors) on `model_dir`; use as a context manager."""
     from actors.rollout import EngineConfig, RolloutEngine
     from cluster import ActorGroup
@@ -87,6 +89,7 @@ def engine_group(model_dir: str, n: int = 1, num_cpus: float = 1.0, **config: An
         n,
         name="rollout",
         num_cpus=num_cpus,
+        num_gpus=num_gpus,
         actor_kwargs={"config": EngineConfig(model=model_dir, max_model_len=128, **config)},
     )
 

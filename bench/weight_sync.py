@@ -1,6 +1,6 @@
 """Weight sync: seconds (and GB/s) to move the policy's weights from its learner rank 0 to a
 rollout engine, for Llama models from about 1M to about 100M parameters, for each sync method
-(today: through the Ray object store; the broadcast method comes with the performance issue).
+(through the Ray object store, and broadcast over a torch.distributed group).
 
     .venv/bin/python -m bench.weight_sync [--repeats 3]
 
@@ -14,6 +14,7 @@ import time
 
 from bench.common import engine_group, median, standard_model, table, write
 
+METHODS = ("object_store", "broadcast")
 # (label, shape overrides of the standard model)
 SIZES = [
     ("1M", {"hidden_size": 128, "intermediate_size": 344}),
@@ -25,35 +26,54 @@ SIZES = [
 ]  # fmt: skip
 
 
-def object_store(model_dir: str, repeats: int) -> tuple[int, int, list[float]]:
-    """(parameters, bytes, seconds of each sync) for the object-store method."""
-    import ray
+def measure(
+    model_dir: str, method: str, repeats: int, bucket_mb: float
+) -> tuple[int, int, list[float]]:
+    """(parameters, bytes, seconds of each sync) for `method`: object_store (rank 0 puts the
+    weights in the object store, the engine fetches them) or broadcast (rank 0 broadcasts them
+    over a gloo or NCCL group with the engine, in buckets); each ends with the engine's weights
+    loaded."""
+    import torch
 
     from actors.learner import EngineSpec, LearnerGroup, ModelSpec, OptimSpec
 
+    gpu = torch.cuda.is_available()
     with (
         LearnerGroup(
-            name="policy", ranks=1, engine=EngineSpec(backend="gloo"), cpus_per_rank=0.5
+            name="policy",
+            ranks=1,
+            engine=EngineSpec(backend="nccl" if gpu else "gloo"),
+            cpus_per_rank=0.5,
+            gpus_per_rank=1 if gpu else 0,
         ) as policy,
-        engine_group(model_dir, num_cpus=0.5) as engines,
+        engine_group(model_dir, num_cpus=0.5, num_gpus=1 if gpu else 0) as engines,
     ):
         params = policy.build(ModelSpec(model_dir), OptimSpec(lr=1e-4, total_steps=1))
+        if method == "broadcast":
+            policy.open_weight_group(engines, "nccl" if gpu else "gloo", timeout_s=300)
+        bucket = int(bucket_mb * 2**20)
         times = []
-        nbytes = 0
         for version in range(repeats + 1):  # the first is warm-up
             t = time.perf_counter()
-            ref = policy.publish_weights()
-            engines.call("load_weights", ref, version)
+            if method == "broadcast":
+                sending, receiving = policy.submit_broadcast(engines, version, bucket)
+                [nbytes] = [b for b in policy.group.get(sending, "broadcast_weights") if b]
+                engines.get(receiving, "receive_weights")
+            else:
+                ref = policy.publish_weights()
+                engines.call("load_weights", ref, version)
             times.append(time.perf_counter() - t)
-            if not nbytes:
-                state = ray.get(ref)
-                nbytes = sum(v.numel() * v.element_size() for v in state.values())
+        if method != "broadcast":
+            import ray
+
+            nbytes = sum(v.numel() * v.element_size() for v in ray.get(ref).values())
         return params, nbytes, times[1:]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed syncs after one warm-up")
+    parser.add_argument("--bucket-mb", type=float, default=64.0, help="broadcast bucket size")
     args = parser.parse_args()
     from cluster import RayRuntime
 
@@ -61,12 +81,12 @@ def main() -> None:
     with RayRuntime(None, num_cpus=os.cpu_count()):
         for label, shape in SIZES:
             model_dir = str(standard_model(**shape))
-            params, nbytes, times = object_store(model_dir, args.repeats)
-            seconds = median(times)
-            rows.append([label, f"{params:,}", "object_store", seconds, nbytes / seconds / 1e9])
-            out.append(
-                {"params": params, "bytes": nbytes, "method": "object_store", "seconds": seconds}
-            )
+            for method in METHODS:
+                params, nbytes, times = measure(model_dir, method, args.repeats, args.bucket_mb)
+                seconds = median(times)
+                rows.append([label, f"{params:,}", method, seconds, nbytes / seconds / 1e9])
+                out.append({"params": params, "bytes": nbytes, "method": method,
+                            "seconds": seconds})  # fmt: skip
     print(table(f"weight sync, learner rank 0 → 1 engine, median of {args.repeats}",
                 ["model", "parameters", "method", "seconds", "GB/s"], rows))  # fmt: skip
     print(f"\nwritten: {write('weight_sync', {'rows': out})}")

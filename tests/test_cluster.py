@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.localnodes import LocalNodes
 from tests.conftest import ROOT
-from tests.raynodes import LocalNodes
 
 LAUNCHER_CONFIGS = ("cluster.yaml", "cluster-onprem.yaml")
 

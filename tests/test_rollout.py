@@ -75,7 +75,14 @@ def test_packed_batches_score_like_single_sequences(small_task: Path) -> None:
         assert a == pytest.approx(b, abs=1e-5)
 
 
-def test_weights_sent_from_the_learner_are_the_engines_weights(engine, small_task, prompts):
+@pytest.mark.parametrize(
+    ("method", "steps", "version"), [("object_store", 3, 1), ("broadcast", 4, 2)]
+)
+def test_weights_sent_from_the_learner_are_the_engines_weights(
+    engine, small_task, prompts, method: str, steps: int, version: int
+) -> None:
+    """Either sync method leaves the engine with exactly the learner's weights (each run trains
+    a different number of steps, so the engine's weights before are not the ones sent)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainers.losses import token_logprobs
@@ -88,16 +95,25 @@ def test_weights_sent_from_the_learner_are_the_engines_weights(engine, small_tas
     with LearnerGroup(name="policy", ranks=2, engine=spec, cpus_per_rank=0.5) as policy:
         policy.build(ModelSpec(str(small_task / "base_model")), OptimSpec(lr=5e-2, total_steps=3))
         tokens = sum(sum(e["loss_mask"][1:]) for e in demos)
-        for _ in range(3):  # move the weights well away from the engine's
+        for _ in range(steps):  # move the weights well away from the engine's
             policy.train_step(
                 sft_objective, [collate_sft(s, 0, tokens) for s in split_evenly(demos, 2)]
             )
         sequences = [d["input_ids"] for d in demos[:3]]
         [before] = engine.call("sequence_logprobs", sequences)
         # the weights are owned by the policy's rank 0: sent while the group lives, as in PPO
-        state_ref = policy.publish_weights()
-        state = ray.get(state_ref)
-        assert engine.call("load_weights", state_ref, 1) == [1]
+        if method == "broadcast":
+            policy.open_weight_group(engine, "gloo", timeout_s=120)
+            # small buckets: the weights go in many broadcasts
+            sending, receiving = policy.submit_broadcast(engine, version, bucket_bytes=2**16)
+            sent = policy.group.get(sending, "broadcast_weights")
+            assert engine.get(receiving, "receive_weights") == [version]
+            state = policy.state_dict()
+            assert sent[0] == sum(v.numel() * v.element_size() for v in state.values())
+        else:
+            state_ref = policy.publish_weights()
+            state = ray.get(state_ref)
+            assert engine.call("load_weights", state_ref, version) == [version]
         [after] = engine.call("sequence_logprobs", sequences)
     model = AutoModelForCausalLM.from_pretrained(small_task / "base_model")
     model.load_state_dict(state)
@@ -107,7 +123,7 @@ def test_weights_sent_from_the_learner_are_the_engines_weights(engine, small_tas
             assert a == pytest.approx(expect.tolist(), abs=1e-4)
             assert max(abs(x - y) for x, y in zip(b, expect.tolist(), strict=True)) > 1e-2
     [samples] = engine.call("generate", prompts[:2], Sampling(max_new_tokens=4))
-    assert {s["version"] for s in samples} == {1}
+    assert {s["version"] for s in samples} == {version}
 
 
 def test_reward_model_scores_minus_its_offset(small_task: Path, tmp_path: Path) -> None:
@@ -128,3 +144,29 @@ def test_reward_model_scores_minus_its_offset(small_task: Path, tmp_path: Path) 
             for s in samples
         ]
     assert reward.score(samples) == pytest.approx(alone, abs=1e-5)
+
+
+def test_a_broadcast_sync_to_an_engine_that_does_not_answer_times_out_naming_it(
+    engine, small_task
+) -> None:
+    import os
+    import signal
+
+    from cluster import RemoteCallError
+
+    spec = EngineSpec(zero_stage=2, backend="gloo", micro_batch=4, collective_timeout_s=120)
+    with LearnerGroup(name="policy", ranks=1, engine=spec, cpus_per_rank=0.5) as policy:
+        policy.build(ModelSpec(str(small_task / "base_model")), OptimSpec(lr=1e-3, total_steps=1))
+        policy.open_weight_group(engine, "gloo", timeout_s=5)
+        pid = ray.get(engine.actors[0].__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(pid, signal.SIGSTOP)  # the engine hangs: it answers nothing
+        try:
+            sending, _ = policy.submit_broadcast(engine, 9, bucket_bytes=2**20)
+            with pytest.raises(
+                RemoteCallError, match=r"rollout rank\(s\) 0 did not answer within 5 s"
+            ):
+                policy.group.get(sending, "broadcast_weights")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    # the engine got nothing: its receive gives up on the group's deadline, and it still serves
+    assert engine.call("get_version") != [9]

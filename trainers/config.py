@@ -253,6 +253,13 @@ class RolloutConfig(Section):
     chunk_size: int = Field(default=16, ge=1)
     """prompts per generation request; each finished chunk goes on to reward, reference and
     critic at once, while the engines still generate the rest"""
+    weight_sync: Literal["auto", "object_store", "broadcast"] = "auto"
+    """how the policy's new weights reach the engines: through Ray's object store, or
+    broadcast by the policy's rank 0 over a torch.distributed group with the engines (gloo on
+    the CPU, NCCL when learners and engines have GPUs); auto: the faster on the device by
+    bench/weight_sync.py"""
+    sync_bucket_mb: float = Field(default=64.0, gt=0)
+    """broadcast sync: megabytes of weights per broadcast"""
 
 
 class ScorerConfig(Section):

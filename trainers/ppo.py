@@ -5,13 +5,16 @@ The roles are Ray actors: vLLM engines (rollout), the RM (reward), the frozen SF
 bottom (`iteration`):
 
 1. the prompts go to the engines in chunks;
-2. as soon as a chunk is generated, its object ref goes to reward, reference and critic, and a
-   Ray task joins their answers into experience (rewards, GAE): the samples never pass through
-   the driver, and scoring overlaps the generation of the other chunks;
+2. as soon as a chunk is generated, its object ref goes to reward, reference and critic, and the
+   joiner actor joins their answers into experience (rewards, GAE): the samples never pass
+   through the driver, and scoring overlaps the generation of the other chunks;
 3. the policy and critic groups fetch the experience themselves and train on it at the same time
    (PPO epochs over shuffled minibatches);
-4. the policy's new weights go to every engine through the object store; each sample records the
-   weight version that produced it.
+4. the policy's new weights go to every engine (through the object store, or broadcast over a
+   torch.distributed group); each sample records the weight version that produced it.
+
+In overlapped mode (`ppo.overlap`) the engines generate the next iteration's batch during step 3,
+with the weights one version behind.
 """
 
 from __future__ import annotations
@@ -237,6 +240,15 @@ class Roles:
             ModelSpec(inputs.critic_model, kind="reward", trust_remote_code=trust),
             optim_spec(cfg.critic_optim, steps),
         )
+        self.sync = weight_sync_method(config)
+        self.bucket_bytes = int(r.sync_bucket_mb * 2**20)
+        self._sending: list[Any] = []  # the policy's refs of a broadcast sync under way
+        if self.sync == "broadcast":
+            self.policy.open_weight_group(
+                self.engines,
+                "nccl" if r.gpus_per_engine > 0 and config.learner.gpus_per_rank > 0 else "gloo",
+                config.learner.collective_timeout_s,
+            )
         self.ptx_ref = ray.put(inputs.ptx)
         self.ptx_size = len(inputs.ptx)
         self.pad_id = int(inputs.tokenizer.pad_token_id)
@@ -273,13 +285,25 @@ class Roles:
         return replaced
 
     def submit_sync(self, version: int) -> list[Any]:
-        """Send the policy's weights to every engine (through the object store), as `version`;
-        returns the refs of the engines' loads."""
+        """Start sending the policy's weights to every engine, as `version`; returns the refs
+        of the engines' loads (`finish_sync` waits for them)."""
+        if self.sync == "broadcast":
+            self._sending, receiving = self.policy.submit_broadcast(
+                self.engines, version, self.bucket_bytes
+            )
+            return receiving
         return self.engines.submit("load_weights", self.policy.publish_weights(), version)
+
+    def finish_sync(self, receiving: list[Any]) -> None:
+        """Wait for a sync to end; a RemoteCallError names the engine that failed or hung."""
+        sending, self._sending = self._sending, []
+        if sending:  # the sender's error names an engine that did not answer
+            self.policy.group.get(sending, "broadcast_weights")
+        self.engines.get(receiving, f"{self.sync} weight sync")
 
     def sync_weights(self, version: int) -> None:
         """The policy's weights to every engine, as `version`, loaded when this returns."""
-        self.engines.get(self.submit_sync(version), "load_weights")
+        self.finish_sync(self.submit_sync(version))
 
     def placement(self) -> dict[str, list[dict[str, Any]]]:
         """Where every rank of every role runs: {role: [{rank, node_id, ip, node_resources}]}."""
@@ -328,6 +352,14 @@ class Roles:
             group.shutdown()
 
 
+def weight_sync_method(config: RunConfig) -> str:
+    """rollout.weight_sync, with auto resolved for the engines' device."""
+    method = config.rollout.weight_sync
+    if method != "auto":
+        return method
+    return "object_store"
+
+
 def _actor_fault(e: BaseException) -> bool:
     """An actor died or hung (a call on an actor that has since been replaced fails so too)."""
     while isinstance(e, RemoteCallError) and e.__cause__ is not None:
@@ -370,7 +402,7 @@ def generate(
 @dataclass
 class Rollout:
     """One iteration's batch in the making: its chunks' generation refs and, as each chunk is
-    generated, its experience (scored, valued and joined as Ray tasks). The KL coefficient and
+    generated, its experience (scored, valued and joined by actors). The KL coefficient and
     the reward scale it is scored with are fixed when it starts, so that a resumed run scores it
     the same."""
 
@@ -432,7 +464,7 @@ def start_rollout(
 
 
 def _join(config: RunConfig, roles: Roles, rollout: Rollout, done: Any) -> tuple[Any, Any]:
-    """The experience of a generated chunk: scored, valued and joined as Ray tasks."""
+    """The experience of a generated chunk: scored, valued and joined by actors (refs)."""
     cfg = config.ppo
     return (
         roles.joiner.actors[0]
@@ -586,7 +618,7 @@ def iteration(
         syncing = roles.submit_sync(version + 1)
         if upcoming is not None:
             pump(config, roles, upcoming, busy=syncing)
-        roles.engines.get(syncing, "load_weights")
+        roles.finish_sync(syncing)
     except RemoteCallError as e:
         replaced += len(roles.recover(version + 1, e))
         roles.sync_weights(version + 1)

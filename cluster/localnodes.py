@@ -1,5 +1,5 @@
-"""Real Ray nodes on this one machine, for the multi-node tests: each node is a `ray start`
-process tree with its own resources, on loopback, with token authentication on.
+"""Real Ray nodes on this one machine, for the multi-node tests and benchmarks: each node is a
+`ray start` process tree with its own resources, on loopback, with token authentication on.
 
 Everything these nodes start carries a marker in its environment (the cluster's temporary
 folder), inherited by every process below them: raylets, workers, job drivers, nodes that a fake
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MARKER = "INSTRUCTRAY_TEST_NODES"
+MARKER = "INSTRUCTRAY_LOCAL_NODES"
 BIN = Path(sys.executable).parent  # the project's environment: ray, python
 
 

@@ -1,0 +1,239 @@
+"""Seconds per PPO iteration on the standard workload, synchronous and overlapped, with the time
+of each phase, the share of generation, each role's peak memory, and the floors the iteration is
+held to: the engine alone generating the batch (vLLM in this process) and the policy alone
+training on it (plain torch, one process), on the same machine in the same run.
+
+    .venv/bin/python -m bench.ppo_iteration [--iterations 6] [--warmup 2]
+
+Every role is the real actor of a run (bench/ppo_iteration.yaml): one vLLM engine, the RM, the
+reference policy, a one-rank critic and a one-rank DeepSpeed policy, driven by trainers.ppo's own
+`iteration`. Prints a table and writes bench/results/ppo_iteration.json."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    NEW_TOKENS,
+    RESULTS,
+    ROLLOUTS,
+    ROOT,
+    SEED,
+    median,
+    standard_model,
+    standard_prompts,
+    table,
+    write,
+)
+
+CONFIG = ROOT / "bench" / "ppo_iteration.yaml"
+MINIBATCH = 8
+
+
+def reward_model(policy_dir: Path) -> Path:
+    """A randomly initialised sequence classifier of the standard shape (the RM and the critic)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    folder = policy_dir.with_name(policy_dir.name + "-rm")
+    if (folder / "config.json").is_file():
+        return folder
+    config = LlamaConfig.from_pretrained(policy_dir)
+    config.num_labels = 1
+    torch.manual_seed(SEED)
+    model = LlamaForSequenceClassification(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(policy_dir).save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def train_alone(policy_dir: Path, prompts: list[list[int]], repeats: int) -> list[float]:
+    """The training floor: one PPO epoch of the policy over the batch (minibatches of 8, our
+    objective, AdamW), in this process with one torch thread, nothing else running."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainers.objectives import policy_batch, ppo_objective
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    rng = random.Random(SEED)
+    samples = [
+        {
+            "prompt_ids": p,
+            "response_ids": [rng.randrange(3, 512) for _ in range(NEW_TOKENS)],
+            "logprobs": [-6.2] * NEW_TOKENS,
+            "advantages": [rng.gauss(0, 1) for _ in range(NEW_TOKENS)],
+        }
+        for p in prompts
+    ]
+    times = []
+    for _ in range(repeats + 1):  # the first is warm-up
+        t = time.perf_counter()
+        for start in range(0, len(samples), MINIBATCH):
+            step = {"samples": list(range(start, start + MINIBATCH)), "ptx": []}
+            batch = policy_batch([samples, []], step, 0, 1, pad_id=0, adv_mean=0.0, adv_std=1.0)
+            loss, _ = ppo_objective(
+                model, batch, clip=0.2, temperature=1.0, entropy_coef=0.0, ptx_coef=0.0
+            )
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return times[1:]
+
+
+def run_mode(
+    overlap: bool, policy_dir: Path, rm_dir: Path, prompts: list[list[int]], args: Any
+) -> dict[str, Any]:
+    """Iterations of trainers.ppo on real actors; per-iteration wall time (the period between
+    iterations, which is what overlapping shortens) and phase times."""
+    from transformers import AutoTokenizer
+
+    from trainers.config import load_config
+    from trainers.ppo import PPOInputs, PromptStream, Roles, iteration
+    from trainers.ppo_math import FixedKLController, RunningMoments
+
+    data = RESULTS / "data" / "prompts.jsonl"  # the config names a prompt file; unused here
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text('{"prompt": "unused"}\n')
+    total = args.warmup + args.iterations
+    config = load_config(
+        CONFIG,
+        [
+            f"ppo.iterations={total}",
+            f"ppo.overlap={str(overlap).lower()}",
+            f"ppo.prompts={data}",
+            f"ppo.heldout_prompts={data}",
+            f"ppo.policy={policy_dir}",
+            f"ppo.reward_model={rm_dir}",
+            f"output_dir={RESULTS / 'ppo_iteration_run'}",
+            *args.set,
+        ],
+    )
+    encoded = [{"prompt_ids": p, "text": "", "where": f"prompt {i}"} for i, p in enumerate(prompts)]
+    inputs = PPOInputs(
+        policy=str(policy_dir),
+        reward_model=str(rm_dir),
+        critic_model=str(rm_dir),
+        tokenizer=AutoTokenizer.from_pretrained(policy_dir),
+        prompts=encoded,
+        heldout_prompts=[],
+        ptx=[],
+        heldout_demos=[],
+    )
+    stream, kl, moments = PromptStream(encoded, SEED), FixedKLController(0.05), RunningMoments()
+    periods, rows = [], []
+    with Roles(config, inputs, log=lambda _: None) as roles:
+        upcoming = None
+        last = time.perf_counter()
+        for it in range(total):
+            figures, _, upcoming = iteration(
+                config, roles, stream, kl, moments, it, it, rollout=upcoming
+            )
+            now = time.perf_counter()
+            periods.append(now - last)
+            rows.append(figures)
+            last = now
+        memory = {
+            "rollout": roles.engines.call("peak_memory_gb"),
+            "reward": roles.reward.call("peak_memory_gb"),
+            "reference": roles.reference.call("peak_memory_gb"),
+            "policy": roles.policy.group.call("peak_memory_gb"),
+            "critic": roles.critic.group.call("peak_memory_gb"),
+        }
+    timed = rows[args.warmup :]
+    assert all(f["tokens"] == ROLLOUTS * NEW_TOKENS for f in timed), "not exactly 64 new tokens"
+    phases = {
+        "generate": median([f["time/rollout_busy"] for f in timed]),
+        "generate_wall": median([f["time/generate"] for f in timed]),
+        "reward": median([f["time/reward_busy"] for f in timed]),
+        "reference": median([f["time/reference_busy"] for f in timed]),
+        "critic_forward": median([f["time/critic_forward_busy"] for f in timed]),
+        "train": median([f["time/train"] for f in timed]),
+        "weight_sync": median([f["time/weight_sync"] for f in timed]),
+    }
+    seconds = median(periods[args.warmup :])
+    return {
+        "seconds": seconds,
+        "iterations": [round(p, 4) for p in periods],
+        "phases": phases,
+        "generation_share": phases["generate"] / seconds,
+        "max_weight_version_lag": max(f["weight_version_lag"] for f in timed),
+        "peak_memory_gb": {role: max(r["rss_gb"] for r in ranks) for role, ranks in memory.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=6, help="timed iterations per mode")
+    parser.add_argument("--warmup", type=int, default=2, help="iterations before timing")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each floor")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    args = parser.parse_args()
+    import torch
+
+    from bench.rollout import vllm_alone
+    from cluster import RayRuntime
+
+    torch.set_num_threads(1)  # the anchors were measured with one torch thread
+    policy_dir = standard_model()
+    rm_dir = reward_model(policy_dir)
+    prompts = standard_prompts()
+    # the floors first, each alone on the machine
+    gen_floor = median(vllm_alone(str(policy_dir), prompts, args.repeats))
+    train_floor = median(train_alone(policy_dir, prompts, args.repeats))
+    results = {}
+    with RayRuntime(None, num_cpus=os.cpu_count()):
+        for name, overlap in (("sync", False), ("overlapped", True)):
+            results[name] = run_mode(overlap, policy_dir, rm_dir, prompts, args)
+    sync, over = results["sync"], results["overlapped"]
+    floor_sum, floor_max = gen_floor + train_floor, max(gen_floor, train_floor)
+    rows: list[list[Any]] = [
+        ["floor: engine alone, generate", gen_floor, "", ""],
+        ["floor: policy alone, train", train_floor, "", ""],
+    ]
+    for name, r in results.items():
+        p = r["phases"]
+        rows.append([f"{name}: iteration", r["seconds"], "", ""])
+        for phase in ("generate", "reward", "reference", "critic_forward", "train", "weight_sync"):
+            rows.append([f"  {phase}", p[phase], "", ""])
+    rows[2][2] = f"{sync['seconds'] / floor_sum:.2f}× sum of floors"
+    rows[2][3] = f"generation {sync['generation_share']:.0%}"
+    over_row = next(i for i, r in enumerate(rows) if r[0] == "overlapped: iteration")
+    rows[over_row][2] = f"{over['seconds'] / floor_max:.2f}× larger floor"
+    rows[over_row][3] = f"lag ≤ {over['max_weight_version_lag']:.0f} version"
+    print(table(f"PPO iteration: {ROLLOUTS} prompts × {len(prompts[0])} tokens → {NEW_TOKENS} new "
+                f"tokens, 1 epoch, minibatch {MINIBATCH}; median of {args.iterations} after "
+                f"{args.warmup} warm-up", ["", "seconds", "vs floor", ""], rows))  # fmt: skip
+    mem = [[role, sync["peak_memory_gb"][role], over["peak_memory_gb"][role]]
+           for role in sync["peak_memory_gb"]]  # fmt: skip
+    print(table("peak resident memory per role (GB, the largest rank)",
+                ["role", "sync", "overlapped"], mem))  # fmt: skip
+    path = write(
+        "ppo_iteration",
+        {
+            "sync": {
+                **sync,
+                "floor_sum_seconds": floor_sum,
+                "generate_alone_seconds": gen_floor,
+                "train_alone_seconds": train_floor,
+            },
+            "overlapped": {**over, "floor_max_seconds": floor_max},
+        },
+    )
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    main()
