@@ -59,6 +59,8 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(PY) -m bench.rollout
 	$(PY) -m bench.weight_sync
+	$(PY) -m bench.ppo_iteration
+	$(PY) -m bench.scaling
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

@@ -141,6 +141,23 @@ class ActorGroup:
         except (GetTimeoutError, RayActorError, RayTaskError):
             return False
 
+    def any_dead(self, timeout_s: float = 30.0) -> bool:
+        """Whether some rank died or does not answer within `timeout_s`; all ranks are asked at
+        once, and a dead one answers at once (the others may be blocked in a collective with
+        it)."""
+        pending = [a.__ray_ready__.remote() for a in self.actors]
+        end = time.monotonic() + timeout_s
+        while pending:
+            left = max(0.0, end - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                return True
+            try:
+                ray.get(ready[0])
+            except (RayActorError, RayTaskError):
+                return True
+        return False
+
     def replace(self, rank: int, timeout_s: float | None = None) -> Any:
         """End rank (dead or hung) and start a new actor in its place, in the same bundle of the
         placement group; returns the new handle once it answers."""
@@ -234,18 +251,27 @@ class ActorGroup:
         ]
 
     def get(self, refs: list[Any], method: str, timeout_s: float | None = None) -> list[Any]:
-        """Results of `refs` (one per rank), or a RemoteCallError naming the rank that failed."""
+        """Results of `refs` (one per rank), or a RemoteCallError naming the rank that failed.
+        The first rank to fail ends the wait: the others may be blocked in a collective with
+        it, and would only give up at their own deadline."""
         deadline = self.call_timeout_s if timeout_s is None else timeout_s
-        results: list[Any] = []
-        for rank, ref in enumerate(refs):
-            try:
-                results.append(ray.get(ref, timeout=deadline))
-            except GetTimeoutError:
+        end = None if deadline is None else time.monotonic() + deadline
+        results: list[Any] = [None] * len(refs)
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        while pending:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left, fetch_local=False)
+            if not ready:
+                rank = min(pending.values())
                 raise RemoteCallError(
                     f"{self.name} rank {rank}: {method} did not finish within {deadline:.0f} s"
-                ) from None
-            except (RayActorError, RayTaskError) as e:
-                raise RemoteCallError(f"{self.name} rank {rank}: {method} failed: {e}") from e
+                )
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                except (RayActorError, RayTaskError) as e:
+                    raise RemoteCallError(f"{self.name} rank {rank}: {method} failed: {e}") from e
         return results
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:

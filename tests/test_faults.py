@@ -109,3 +109,55 @@ def test_a_reward_model_that_scores_nan_skips_updates_and_stops_the_run(
     assert "ppo.max_skipped_steps=4" in message and "last good checkpoint is none yet" in message
     # nothing was trained on NaN, and no checkpoint holds it
     assert not (tmp_path / "run" / "ppo" / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.e2e
+def test_a_killed_learner_rank_brings_the_groups_back_from_the_last_checkpoint(
+    demo_run, tmp_path: Path
+) -> None:
+    """A policy or critic rank killed at a random point after the first checkpoint: both groups
+    go back to it within the run, which ends with every iteration done."""
+    import os
+    import signal
+    import time
+
+    from ray._private.state import actors  # the GCS's actor table (no dashboard needed)
+
+    from trainers.pipeline import run
+
+    demo, _ = demo_run
+    shutil.copytree(demo / "task", tmp_path / "run" / "task")
+    config = _config(
+        demo,
+        tmp_path / "run",
+        "ppo.iterations=4",
+        "ppo.checkpoint_every=2",
+        "ppo.rollout_batch=32",
+        "learner.collective_timeout_s=60",
+    )
+    latest = tmp_path / "run" / "ppo" / "checkpoints" / "latest"
+    rng = random.Random()
+    killed: list[int] = []
+
+    def kill_a_learner() -> None:
+        deadline = time.time() + 900
+        while not latest.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))  # somewhere in iteration 3
+        # this session's cluster: the live Learner actors are this run's policy and critic ranks
+        learners = [a for a in actors().values()
+                    if a["ActorClassName"] == "Learner" and a["State"] == "ALIVE"]  # fmt: skip
+        victim = rng.choice(learners)["Pid"]
+        killed.append(victim)
+        os.kill(victim, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_learner)
+    killer.start()
+    lines: list[str] = []
+    summary = run(config, log=lines.append)
+    killer.join()
+    assert killed
+    assert summary["ppo"]["iterations"] == 4
+    said = [line for line in lines if "lost a rank" in line]
+    assert len(said) == 1, lines
+    assert "bringing the groups back from" in said[0] and "iter-000002" in said[0]

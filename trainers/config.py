@@ -95,7 +95,7 @@ class LearnerConfig(Section):
     """DeepSpeed ranks (Ray actors) that together host one ZeRO engine"""
     zero_stage: Literal[2, 3] = 2
     """ZeRO stage: 2 shards optimizer states and gradients, 3 also the parameters (a group of
-    one rank has nothing to shard and trains without ZeRO, the same update)"""
+    one rank has nothing to shard: with 2 it trains without ZeRO, the same update, faster)"""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """collective backend: auto is nccl when the ranks have GPUs, else gloo"""
     cpus_per_rank: float = Field(default=1.0, gt=0)
@@ -348,6 +348,9 @@ class PPOConfig(Section):
     """overlapped mode: the engines generate the next iteration's batch (with the weights of one
     version before) while the learners train on this one; each sample carries the weight version
     that generated it and the PPO ratio is taken against that version's log-probs"""
+    learner_restarts: int = Field(default=3, ge=0)
+    """times the policy and critic groups are brought back from the last checkpoint (or the
+    start) within the run after one of their ranks died or hung; then the run stops"""
     chunk_retries: int = Field(default=3, ge=0)
     """times a chunk of prompts is issued again after the engine, reward or reference actor that
     worked on it died or hung (the actor is replaced first); then the run stops"""

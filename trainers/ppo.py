@@ -144,6 +144,10 @@ class PromptStream:
         return out
 
 
+class LearnerFault(RuntimeError):
+    """A rank of the policy or critic group died or hangs: the groups go back to a checkpoint."""
+
+
 class NonFiniteError(RuntimeError):
     """Too many updates in a row were skipped for a non-finite loss."""
 
@@ -223,41 +227,62 @@ class Roles:
         )
         self.reward = self._scorer(RewardModel, "reward", config, inputs.reward_model, log)
         self.reference = self._scorer(ReferencePolicy, "reference", config, inputs.policy, log)
-        self.policy: LearnerGroup = self._add(
-            learner_group(
-                config.learner, config.seed, "policy", cfg.minibatch_size, config.ray, log
-            )
-        )
-        self.critic: LearnerGroup = self._add(
-            learner_group(cfg.critic, config.seed, "critic", cfg.minibatch_size, config.ray, log)
-        )
-        steps = cfg.iterations * cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
-        trust = config.trust_remote_code
-        self.policy.build(
-            ModelSpec(inputs.policy, trust_remote_code=trust), optim_spec(cfg.policy_optim, steps)
-        )
-        self.critic.build(
-            ModelSpec(inputs.critic_model, kind="reward", trust_remote_code=trust),
-            optim_spec(cfg.critic_optim, steps),
-        )
+        self.config, self.inputs = config, inputs
         self.sync = weight_sync_method(config)
         self.bucket_bytes = int(r.sync_bucket_mb * 2**20)
         self._sending: list[Any] = []  # the policy's refs of a broadcast sync under way
-        if self.sync == "broadcast":
-            self.policy.open_weight_group(
-                self.engines,
-                "nccl" if r.gpus_per_engine > 0 and config.learner.gpus_per_rank > 0 else "gloo",
-                config.learner.collective_timeout_s,
-            )
+        self.policy: LearnerGroup = self._learners("policy")
+        self.critic: LearnerGroup = self._learners("critic")
         self.ptx_ref = ray.put(inputs.ptx)
         self.ptx_size = len(inputs.ptx)
         self.pad_id = int(inputs.tokenizer.pad_token_id)
 
+    def _learners(self, name: str) -> LearnerGroup:
+        """The policy or critic group, built from the run's starting model."""
+        config, cfg, r = self.config, self.config.ppo, self.config.rollout
+        section = config.learner if name == "policy" else cfg.critic
+        group = self._add(
+            learner_group(section, config.seed, name, cfg.minibatch_size, config.ray, self.log)
+        )
+        steps = cfg.iterations * cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
+        trust = config.trust_remote_code
+        if name == "policy":
+            group.build(
+                ModelSpec(self.inputs.policy, trust_remote_code=trust),
+                optim_spec(cfg.policy_optim, steps),
+            )
+            if self.sync == "broadcast":
+                gpus = r.gpus_per_engine > 0 and config.learner.gpus_per_rank > 0
+                group.open_weight_group(
+                    self.engines, "nccl" if gpus else "gloo", config.learner.collective_timeout_s
+                )
+        else:
+            group.build(
+                ModelSpec(self.inputs.critic_model, kind="reward", trust_remote_code=trust),
+                optim_spec(cfg.critic_optim, steps),
+            )
+        return group
+
+    def dead_learners(self) -> list[str]:
+        """The learner groups (policy, critic) with a rank that died or does not answer."""
+        return [g.group.name for g in (self.policy, self.critic) if g.group.any_dead()]
+
+    def restart_learners(self, names: list[str]) -> None:
+        """Start the named learner groups again from the run's starting models (the caller
+        then loads the latest checkpoint into every group)."""
+        for name in names:
+            old = getattr(self, name)
+            old.shutdown()
+            self.groups.remove(old)
+            setattr(self, name, self._learners(name))
+
     def recover(self, version: int, cause: BaseException) -> list[str]:
-        """Replace every engine, reward or reference actor that died or hangs (a new actor in
-        its place; an engine also gets the policy's current weights, as `version`). Returns
-        what was replaced. If nothing was and `cause` is no actor's death or hang (a bug, bad
-        data), `cause` is raised again: it would fail the same way when issued again."""
+        """Replace every engine, reward, reference or joiner actor that died or hangs (a new
+        actor in its place; an engine also gets the policy's current weights, as `version`).
+        Returns what was replaced. If nothing was: a LearnerFault if a policy or critic rank
+        died or hangs (`train` brings the groups back from a checkpoint); else, if `cause` is no
+        actor's death or hang (a bug, bad data), `cause` again: it would fail the same way when
+        issued again."""
         replaced = []
         for group in (self.engines, self.reward, self.reference, self.joiner):
             for rank in range(group.n):
@@ -273,13 +298,9 @@ class Roles:
                     )
                 replaced.append(f"{group.name}[{rank}]")
         if not replaced:
-            dead = [f"{g.name} rank {r}" for g in (self.critic.group,) for r in range(g.n)
-                    if not g.alive(r)]  # fmt: skip
-            if dead:
-                raise RemoteCallError(
-                    f"{', '.join(dead)} died: a learner group comes back only from a checkpoint "
-                    "(run again with --resume)"
-                ) from cause
+            dead = self.dead_learners()
+            if dead:  # a learner group comes back from a checkpoint: `train` does it
+                raise LearnerFault(f"{' and '.join(dead)}: a rank died or hangs") from cause
             if not _actor_fault(cause):
                 raise cause
         return replaced
@@ -755,20 +776,39 @@ def train(
             f"critic on {roles.critic.ranks}; {cfg.iterations} iterations of "
             f"{cfg.rollout_batch} prompts"
         )
-        if latest is not None:
-            state = checkpoints.load(latest, roles)
+        initial = {
+            "iteration": 0,
+            "kl": kl.state_dict(),
+            "reward_moments": moments.state_dict(),
+            "stream": stream.state(),
+            "tokens": 0.0,
+            "generate_seconds": 0.0,
+            "upcoming": None,
+        }
+
+        def restore(state: dict[str, Any]) -> int:
+            """The driver back in a checkpoint's state (the groups and engines are already);
+            returns the iteration to go on from."""
+            nonlocal upcoming, tokens, generate_seconds
             kl.load_state_dict(state["kl"])
             moments.load_state_dict(state["reward_moments"])
             stream.restore(state["stream"])
-            before, sft_demo_loss = state["before"], state["sft_demo_loss"]
-            start, tokens = state["iteration"], state["tokens"]
-            generate_seconds, started = state["generate_seconds"], started - state["seconds"]
+            tokens, generate_seconds = state["tokens"], state["generate_seconds"]
+            upcoming = None
             if state.get("upcoming") is not None:  # overlapped: the batch generated meanwhile
                 upcoming = start_rollout(
-                    config, roles, stream, kl, moments, start, state["upcoming"]["samples"]
-                )
+                    config, roles, stream, kl, moments, state["iteration"],
+                    state["upcoming"]["samples"],
+                )  # fmt: skip
                 upcoming.beta = state["upcoming"]["beta"]
                 upcoming.reward_scale = state["upcoming"]["reward_scale"]
+            return int(state["iteration"])
+
+        if latest is not None:
+            state = checkpoints.load(latest, roles)
+            before, sft_demo_loss = state["before"], state["sft_demo_loss"]
+            started -= state["seconds"]
+            start = restore(state)
             log(f"ppo: resumed from {latest} after iteration {start}")
         else:
             before = sample_policy(roles, inputs, config, labeler)
@@ -776,7 +816,8 @@ def train(
             start, tokens, generate_seconds = 0, 0.0, 0.0
         bar = progress(cfg.iterations, "ppo")
         bar.update(start)
-        for it in range(start, cfg.iterations):
+        it, restarts, restarted = start, 0, 0
+        while it < cfg.iterations:
             try:
                 figures, experience, upcoming = iteration(
                     config, roles, stream, kl, moments, it, it, skips, upcoming
@@ -788,6 +829,37 @@ def train(
                     f"ppo: iteration {it + 1}: {e}. The run stops; the last good checkpoint is "
                     + (f"{last} (continue from it with --resume)" if last else "none yet")
                 ) from None
+            except (RemoteCallError, LearnerFault) as e:
+                # A learner or critic rank died or hangs: both groups go back to the last
+                # checkpoint (a group that lost a rank starts again first) and the run goes on.
+                dead = roles.dead_learners()
+                if not dead:
+                    raise
+                last = checkpoints.latest()
+                if restarts == cfg.learner_restarts:
+                    raise LearnerFault(
+                        f"ppo: iteration {it + 1}: the {' and '.join(dead)} group lost a rank "
+                        f"again, after {restarts} restarts (ppo.learner_restarts); the last "
+                        f"checkpoint is {last or 'none yet'} (continue with --resume)"
+                    ) from e
+                restarts += 1
+                restarted += 1
+                log(
+                    f"ppo: iteration {it + 1}: the {' and '.join(dead)} group lost a rank "
+                    f"({_first_line(e)}); bringing the groups back from {last or 'the start'}"
+                )
+                if last is None:  # both start again from the run's starting models
+                    roles.restart_learners(["policy", "critic"])
+                    roles.sync_weights(0)
+                    it = restore(initial)
+                else:
+                    roles.restart_learners(dead)
+                    it = restore(checkpoints.load(last, roles))
+                bar.n = it
+                bar.refresh()
+                continue
+            figures["faults/learner_restarts"] = float(restarted)
+            restarted = 0
             tokens += figures["tokens"]
             generate_seconds += figures["time/generate"]
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
@@ -828,6 +900,7 @@ def train(
                 kl=f"{figures['kl']:.2f}",
                 beta=f"{figures['beta']:.3f}",
             )
+            it += 1
         bar.close()
         after = sample_policy(roles, inputs, config, labeler)
         ppo_demo_loss = demo_loss(roles, inputs, cfg.minibatch_size)
