@@ -290,7 +290,9 @@ class Learner(BusyClock):
         self.engine.save_checkpoint(folder, tag="state")
 
     def load_checkpoint(self, folder: str) -> None:
-        """Back to the state that `save_checkpoint` wrote. Collective."""
+        """Back to the state that `save_checkpoint` wrote. Collective. The files are read
+        without running code from them (see `_safe_torch_load`)."""
+        self.engine.checkpoint_engine.load = _safe_torch_load
         path, _ = self.engine.load_checkpoint(folder, tag="state")
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (tag 'state')")
@@ -351,6 +353,20 @@ class Learner(BusyClock):
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
+
+
+def _safe_torch_load(path: str, map_location: Any = None) -> Any:
+    """DeepSpeed's checkpoint reader, without pickle's code execution: torch's `weights_only`
+    loader (tensors and plain containers), allowing only the three plain DeepSpeed classes that
+    its checkpoints hold. DeepSpeed's own reader passes weights_only=False: a checkpoint folder
+    from elsewhere could run code on `--resume`."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _to_cpu(out: Any) -> Any:

@@ -53,3 +53,32 @@ def test_no_chat_template(small_task: Path, tmp_path: Path) -> None:
     (folder / "chat_template.jinja").unlink()
     with pytest.raises(ModelFolderError, match="the tokenizer lacks a chat template"):
         check_model_folder(folder, "sft.model")
+
+
+class _RunsCode:
+    """What a planted checkpoint file would hold: unpickling it calls a function."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    """The learners read DeepSpeed checkpoints (`--resume`) without running pickled code."""
+    import pickle
+
+    import torch
+
+    from actors.learner import _safe_torch_load
+
+    marker = tmp_path / "code-ran"
+    planted = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "extra": _RunsCode(marker)}, planted)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        _safe_torch_load(str(planted), map_location="cpu")
+    assert not marker.exists()
+    # a plain one loads
+    torch.save({"module": {"w": torch.ones(2)}, "global_steps": 3}, tmp_path / "plain.pt")
+    assert _safe_torch_load(str(tmp_path / "plain.pt"))["global_steps"] == 3
