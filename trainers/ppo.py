@@ -37,7 +37,7 @@ from actors.scorers import ReferencePolicy, RewardModel
 from cluster import ActorGroup, RemoteCallError
 from cluster.groups import format_resources
 from trainers.common import autoscaling_timeout, learner_group, optim_spec
-from trainers.config import RunConfig
+from trainers.config import PPOConfig, RunConfig
 from trainers.data import (
     Limits,
     encode_demonstrations,
@@ -399,24 +399,37 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _sampling(cfg: PPOConfig, *, training: bool) -> Sampling:
+    """The sampling of the training rollouts and of the evaluation. `ppo.ignore_eos` (fixed
+    lengths, for benchmarks) holds for the rollouts only: the evaluation judges responses where
+    the policy ends them."""
+    return Sampling(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        ignore_eos=cfg.ignore_eos and training,
+    )
+
+
 def generate(
     roles: Roles,
-    prompts: list[dict[str, Any]],
+    chunks: list[list[list[int]]],
     sampling: Sampling,
-    chunk_size: int,
     seed: int | None = None,
     reseed: int | None = None,
 ) -> dict[Any, int]:
-    """Deal the prompts to the engines in chunks; {ref of a chunk's samples: chunk index}.
-    With `seed`, prompt i is sampled with seed + i, on whichever engine it lands. With
-    `reseed`, engine r restarts its random stream at reseed + r before its first chunk."""
+    """Deal the chunks of prompt ids to the engines in turn; {ref of a chunk's samples: chunk
+    index}. With `seed`, the i-th prompt overall is sampled with seed + i, on whichever engine it
+    lands. With `reseed`, engine r restarts its random stream at reseed + r before its first
+    chunk."""
     engines = roles.engines.actors
     refs = {}
-    for i, chunk in enumerate(_chunks(prompts, chunk_size)):
-        seeds = None if seed is None else [seed + i * chunk_size + j for j in range(len(chunk))]
+    offset = 0
+    for i, chunk in enumerate(chunks):
+        seeds = None if seed is None else [seed + offset + j for j in range(len(chunk))]
+        offset += len(chunk)
         first = None if reseed is None or i >= len(engines) else reseed + i
-        prompt_ids = [p["prompt_ids"] for p in chunk]
-        refs[engines[i % len(engines)].generate.remote(prompt_ids, sampling, seeds, first)] = i
+        refs[engines[i % len(engines)].generate.remote(chunk, sampling, seeds, first)] = i
     return refs
 
 
@@ -462,12 +475,7 @@ def start_rollout(
     """Take iteration `it`'s prompts and deal them to the engines. `generated`: its samples as
     a checkpoint kept them (overlapped mode), joined again instead of generated again."""
     cfg = config.ppo
-    sampling = Sampling(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        ignore_eos=cfg.ignore_eos,
-    )
+    sampling = _sampling(cfg, training=True)
     scale = max(scores.std, 1e-8) if cfg.normalize_reward else 1.0
     if generated is not None:
         chunks = [[s["prompt_ids"] for s in chunk] for chunk in generated]
@@ -479,8 +487,8 @@ def start_rollout(
         # that never stopped.
         reseed = TRAIN_SEED_BASE * (config.seed + 1) + it * 1009
         prompts = stream.take(cfg.rollout_batch)
-        chunks = [[p["prompt_ids"] for p in c] for c in _chunks(prompts, config.rollout.chunk_size)]
-        index = generate(roles, prompts, sampling, config.rollout.chunk_size, reseed=reseed)
+        chunks = _chunks([p["prompt_ids"] for p in prompts], config.rollout.chunk_size)
+        index = generate(roles, chunks, sampling, reseed=reseed)
     return Rollout(it, chunks, sampling, kl.beta, scale, index, time.perf_counter())
 
 
@@ -691,14 +699,12 @@ def sample_policy(
 ) -> dict[str, Any]:
     """One response per held-out prompt from the engines' current weights, judged: RM score,
     KL to the reference (nats per sequence) and, on the built-in task, the hidden labeler."""
-    cfg = config.ppo
-    sampling = Sampling(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
-    )
+    sampling = _sampling(config.ppo, training=False)
     # A prompt gets the same seed before and after training: its two responses differ only by
     # the policy (common random numbers).
     seed = config.seed * 1_000_003
-    refs = generate(roles, inputs.heldout_prompts, sampling, config.rollout.chunk_size, seed)
+    prompt_ids = [p["prompt_ids"] for p in inputs.heldout_prompts]
+    refs = generate(roles, _chunks(prompt_ids, config.rollout.chunk_size), sampling, seed)
     order = sorted(refs, key=refs.__getitem__)
     timeout = config.learner.collective_timeout_s
     samples = [s for chunk in ray.get(order, timeout=timeout) for s in chunk]
