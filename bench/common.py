@@ -69,10 +69,18 @@ def standard_model(folder: Path | None = None, **overrides: int) -> Path:
         tie_word_embeddings=False,
         torch_dtype="float32",
     )
-    model = LlamaForCausalLM(config)
+    return save_model(folder, LlamaForCausalLM(config), fast)
+
+
+def save_model(folder: Path, model: Any, tokenizer: Any) -> Path:
+    """Write a model and its tokenizer to `folder` whole or not at all (through a .tmp folder
+    renamed at the end: an interrupted build leaves no half-written model behind)."""
+    import shutil
+
     tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    fast.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     tmp.rename(folder)
     return folder
 

@@ -24,6 +24,7 @@ from bench.common import (
     ROOT,
     SEED,
     median,
+    save_model,
     standard_model,
     standard_prompts,
     table,
@@ -46,11 +47,7 @@ def reward_model(policy_dir: Path) -> Path:
     config.num_labels = 1
     torch.manual_seed(SEED)
     model = LlamaForSequenceClassification(config)
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(policy_dir).save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
+    return save_model(folder, model, AutoTokenizer.from_pretrained(policy_dir))
 
 
 def train_alone(policy_dir: Path, prompts: list[list[int]], repeats: int) -> list[float]:
