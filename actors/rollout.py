@@ -30,6 +30,8 @@ class EngineConfig:
     torch_threads: int = 1
     trust_remote_code: bool = False
     """run code shipped in the model folder (off: only architectures vLLM knows)"""
+    enforce_eager: bool = True
+    """False: vLLM compiles the model (torch.compile; CUDA graphs on a GPU)"""
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class RolloutEngine(BusyClock):
         self.llm = LLM(
             model=config.model,
             dtype=config.dtype,
-            enforce_eager=True,
+            enforce_eager=config.enforce_eager,
             max_model_len=config.max_model_len,
             seed=config.seed + rank,
             # log-probs of the distribution actually sampled from (after temperature)

@@ -88,25 +88,17 @@ def train_alone(policy_dir: Path, prompts: list[list[int]], repeats: int) -> lis
     return times[1:]
 
 
-def run_mode(
-    overlap: bool, policy_dir: Path, rm_dir: Path, prompts: list[list[int]], args: Any
-) -> dict[str, Any]:
-    """Iterations of trainers.ppo on real actors; per-iteration wall time (the period between
-    iterations, which is what overlapping shortens) and phase times."""
-    from transformers import AutoTokenizer
-
+def bench_config(policy_dir: Path, rm_dir: Path, args: Any, overlap: bool = False) -> Any:
+    """bench/ppo_iteration.yaml with the models, the iteration count and --set overrides."""
     from trainers.config import load_config
-    from trainers.ppo import PPOInputs, PromptStream, Roles, iteration
-    from trainers.ppo_math import FixedKLController, RunningMoments
 
     data = RESULTS / "data" / "prompts.jsonl"  # the config names a prompt file; unused here
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text('{"prompt": "unused"}\n')
-    total = args.warmup + args.iterations
-    config = load_config(
+    return load_config(
         CONFIG,
         [
-            f"ppo.iterations={total}",
+            f"ppo.iterations={args.warmup + args.iterations}",
             f"ppo.overlap={str(overlap).lower()}",
             f"ppo.prompts={data}",
             f"ppo.heldout_prompts={data}",
@@ -116,6 +108,20 @@ def run_mode(
             *args.set,
         ],
     )
+
+
+def run_mode(
+    overlap: bool, policy_dir: Path, rm_dir: Path, prompts: list[list[int]], args: Any
+) -> dict[str, Any]:
+    """Iterations of trainers.ppo on real actors; per-iteration wall time (the period between
+    iterations, which is what overlapping shortens) and phase times."""
+    from transformers import AutoTokenizer
+
+    from trainers.ppo import PPOInputs, PromptStream, Roles, iteration
+    from trainers.ppo_math import FixedKLController, RunningMoments
+
+    config = bench_config(policy_dir, rm_dir, args, overlap)
+    total = config.ppo.iterations
     encoded = [{"prompt_ids": p, "text": "", "where": f"prompt {i}"} for i, p in enumerate(prompts)]
     inputs = PPOInputs(
         policy=str(policy_dir),
@@ -148,7 +154,7 @@ def run_mode(
             "critic": roles.critic.group.call("peak_memory_gb"),
         }
     timed = rows[args.warmup :]
-    assert all(f["tokens"] == ROLLOUTS * NEW_TOKENS for f in timed), "not exactly 64 new tokens"
+    assert all(f["tokens"] == len(prompts) * NEW_TOKENS for f in timed), "not exactly 64 new tokens"
     phases = {
         "generate": median([f["time/rollout_busy"] for f in timed]),
         "generate_wall": median([f["time/generate"] for f in timed]),
@@ -187,8 +193,9 @@ def main() -> None:
     policy_dir = standard_model()
     rm_dir = reward_model(policy_dir)
     prompts = standard_prompts()
-    # the floors first, each alone on the machine
-    gen_floor = median(vllm_alone(str(policy_dir), prompts, args.repeats))
+    # the floors first, each alone on the machine; the engine's with the run's engine setting
+    eager = bench_config(policy_dir, rm_dir, args).rollout.enforce_eager
+    gen_floor = median(vllm_alone(str(policy_dir), prompts, args.repeats, eager))
     train_floor = median(train_alone(policy_dir, prompts, args.repeats))
     results = {}
     with RayRuntime(None, num_cpus=os.cpu_count()):
@@ -197,7 +204,7 @@ def main() -> None:
     sync, over = results["sync"], results["overlapped"]
     floor_sum, floor_max = gen_floor + train_floor, max(gen_floor, train_floor)
     rows: list[list[Any]] = [
-        ["floor: engine alone, generate", gen_floor, "", ""],
+        [f"floor: engine alone, generate ({'eager' if eager else 'compiled'})", gen_floor, "", ""],
         ["floor: policy alone, train", train_floor, "", ""],
     ]
     for name, r in results.items():
@@ -224,6 +231,7 @@ def main() -> None:
                 **sync,
                 "floor_sum_seconds": floor_sum,
                 "generate_alone_seconds": gen_floor,
+                "enforce_eager": eager,
                 "train_alone_seconds": train_floor,
             },
             "overlapped": {**over, "floor_max_seconds": floor_max},

@@ -1,7 +1,9 @@
 """Rollout throughput on the standard workload: our engine behind its Ray actor (results
 delivered to the driver) against transformers' `generate` with its KV cache, on the same model,
 prompts and sampling (temperature 1, exactly 64 new tokens), in one run; plus vLLM alone in this
-process, the floor that the actor adds to.
+process, the floor that the actor adds to. Both eager (`rollout.enforce_eager: true`, the default)
+and compiled (torch.compile; its start, in the last column, includes the compilation or the load
+of its cached code).
 
     .venv/bin/python -m bench.rollout [--repeats 5]
 
@@ -53,7 +55,11 @@ def hf_generate(model_dir: str, prompts: list[list[int]], repeats: int) -> list[
     return times[1:]
 
 
-def engine_in_actor(model_dir: str, prompts: list[list[int]], repeats: int) -> list[float]:
+def engine_in_actor(
+    model_dir: str, prompts: list[list[int]], repeats: int, enforce_eager: bool
+) -> tuple[float, list[float]]:
+    """Our RolloutEngine in a Ray actor, the samples delivered to this process: (seconds to
+    start the engine, seconds of each timed generation)."""
     import ray
 
     from actors.rollout import Sampling
@@ -61,32 +67,42 @@ def engine_in_actor(model_dir: str, prompts: list[list[int]], repeats: int) -> l
 
     sampling = Sampling(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     times = []
-    with (
-        RayRuntime(None, num_cpus=os.cpu_count()),
-        engine_group(model_dir) as engines,
-    ):
-        engine = engines.actors[0]
-        for _ in range(repeats + 1):
-            t = time.perf_counter()
-            samples = ray.get(engine.generate.remote(prompts, sampling))
-            times.append(time.perf_counter() - t)
-            assert all(len(s["response_ids"]) == NEW_TOKENS for s in samples)
-    return times[1:]
+    with RayRuntime(None, num_cpus=os.cpu_count()):
+        t = time.perf_counter()
+        with engine_group(model_dir, enforce_eager=enforce_eager) as engines:
+            start = time.perf_counter() - t
+            engine = engines.actors[0]
+            for _ in range(repeats + 1):
+                t = time.perf_counter()
+                samples = ray.get(engine.generate.remote(prompts, sampling))
+                times.append(time.perf_counter() - t)
+                assert all(len(s["response_ids"]) == NEW_TOKENS for s in samples)
+    return start, times[1:]
 
 
-def vllm_alone(model_dir: str, prompts: list[list[int]], repeats: int) -> list[float]:
+def vllm_alone(
+    model_dir: str, prompts: list[list[int]], repeats: int, enforce_eager: bool = True
+) -> list[float]:
+    """vLLM's LLM in this process (the floor under our engine). A compiled engine (not
+    enforce_eager) is released at the end, so that the next one starts on a free machine."""
+    import gc
+
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=128, seed=0)
+    llm = LLM(
+        model=model_dir, dtype="float32", enforce_eager=enforce_eager, max_model_len=128, seed=0
+    )
     params = SamplingParams(temperature=1.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         times.append(time.perf_counter() - t)
+    del llm
+    gc.collect()
     return times[1:]
 
 
@@ -100,27 +116,39 @@ def main() -> None:
     model_dir, prompts = str(standard_model()), standard_prompts()
     tokens = ROLLOUTS * NEW_TOKENS
     hf = median(hf_generate(model_dir, prompts, args.repeats))
-    ours = median(engine_in_actor(model_dir, prompts, args.repeats))
-    alone = median(vllm_alone(model_dir, prompts, args.repeats))
-    rows = [
-        ["transformers generate (KV cache)", hf, tokens / hf, 1.0],
-        ["vLLM alone, in process", alone, tokens / alone, hf / alone],
-        ["our engine in its Ray actor, delivered", ours, tokens / ours, hf / ours],
-    ]
+    figures: dict[str, float] = {"hf_seconds": hf, "hf_tokens_per_s": tokens / hf}
+    rows: list[list[object]] = [["transformers generate (KV cache)", hf, tokens / hf, 1.0, ""]]
+    for mode, eager in (("eager", True), ("compiled", False)):
+        alone = median(vllm_alone(model_dir, prompts, args.repeats, eager))
+        start, times = engine_in_actor(model_dir, prompts, args.repeats, eager)
+        ours = median(times)
+        rows += [
+            [f"vLLM alone, in process, {mode}", alone, tokens / alone, hf / alone, ""],
+            [f"our engine in its Ray actor, delivered, {mode}", ours, tokens / ours, hf / ours,
+             f"{start:.0f} s"],
+        ]  # fmt: skip
+        figures |= {
+            f"vllm_alone_{mode}_seconds": alone,
+            f"vllm_alone_{mode}_tokens_per_s": tokens / alone,
+            f"engine_{mode}_seconds": ours,
+            f"engine_{mode}_tokens_per_s": tokens / ours,
+            f"engine_{mode}_start_seconds": start,
+        }
+    # the engine's figure is that of its faster setting (rollout.enforce_eager)
+    best = (
+        "eager"
+        if figures["engine_eager_seconds"] <= figures["engine_compiled_seconds"]
+        else "compiled"
+    )
+    figures |= {
+        "engine_mode": best,
+        "engine_tokens_per_s": figures[f"engine_{best}_tokens_per_s"],
+        "engine_seconds": figures[f"engine_{best}_seconds"],
+    }
     print(table(f"rollout: {ROLLOUTS} prompts × {len(prompts[0])} tokens → {NEW_TOKENS} new "
                 "tokens, median of {args.repeats}".replace("{args.repeats}", str(args.repeats)),
-                ["", "seconds", "tokens/s", "× generate"], rows))  # fmt: skip
-    path = write(
-        "rollout",
-        {
-            "engine_tokens_per_s": tokens / ours,
-            "hf_tokens_per_s": tokens / hf,
-            "vllm_alone_tokens_per_s": tokens / alone,
-            "engine_seconds": ours,
-            "hf_seconds": hf,
-            "vllm_alone_seconds": alone,
-        },
-    )
+                ["", "seconds", "tokens/s", "× generate", "engine start"], rows))  # fmt: skip
+    path = write("rollout", figures)
     print(f"\nwritten: {path}")
 
 

@@ -30,13 +30,18 @@ def prompts(small_task: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def engine(ray_cluster, small_task: Path):
+    """A compiled engine (rollout.enforce_eager=false; every PPO test runs the default eager
+    one): the tests below check that it samples, scores and takes new weights like the
+    learner."""
     group = ActorGroup(
         RolloutEngine,
         1,
         name="rollout",
         num_cpus=0.5,
         strategy="SPREAD",
-        actor_kwargs={"config": EngineConfig(model=str(small_task / "base_model"))},
+        actor_kwargs={
+            "config": EngineConfig(model=str(small_task / "base_model"), enforce_eager=False)
+        },
     )
     yield group
     group.shutdown()

@@ -260,6 +260,10 @@ class RolloutConfig(Section):
     bench/weight_sync.py (twice the object store's speed on the CPU)"""
     sync_bucket_mb: float = Field(default=64.0, gt=0)
     """broadcast sync: megabytes of weights per broadcast"""
+    enforce_eager: bool = True
+    """run the engine's model eagerly; false: vLLM compiles it (torch.compile, and CUDA graphs
+    on a GPU), which decodes faster after a longer start (on 2 CPU cores about 30 s the first
+    time, 15-20 s once the compiled code is cached in .cache/vllm; see bench/rollout.py)"""
 
 
 class ScorerConfig(Section):

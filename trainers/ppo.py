@@ -208,6 +208,7 @@ class Roles:
                         kv_cache_gb=r.kv_cache_gb,
                         gpu_memory_utilization=r.gpu_memory_utilization,
                         trust_remote_code=config.trust_remote_code,
+                        enforce_eager=r.enforce_eager,
                     )
                 },
             )
