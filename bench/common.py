@@ -102,12 +102,13 @@ def engine_group(
     )
 
 
-def standard_prompts() -> list[list[int]]:
+def standard_prompts(n: int = ROLLOUTS) -> list[list[int]]:
+    """The standard workload's prompts (`n` of them: the first 32 are always the same)."""
     import random
 
     rng = random.Random(SEED)
     return [[rng.randrange(3, STANDARD["vocab_size"]) for _ in range(PROMPT_TOKENS)]
-            for _ in range(ROLLOUTS)]  # fmt: skip
+            for _ in range(n)]  # fmt: skip
 
 
 def median(xs: list[float]) -> float:
