@@ -382,7 +382,10 @@ def _to_cpu(out: Any) -> Any:
 
 
 class LearnerGroup:
-    """N learner ranks, placed together (PACK), hosting one ZeRO engine."""
+    """N learner ranks, placed together (PACK), hosting one ZeRO engine.
+
+    The constructor waits only for the placement: the ranks start, and connect to each other,
+    while the caller starts other groups; `build` (or `submit_build`) waits for them."""
 
     def __init__(
         self,
@@ -415,19 +418,33 @@ class LearnerGroup:
             log=log,
             actor_kwargs={"torch_threads": engine.torch_threads},
         )
-        try:
-            master = self.group.call_rank(0, "address")
-            self.group.call("init_distributed", master, engine)
-        except BaseException:
-            self.group.shutdown()
-            raise
+        # each rank connects as soon as it has started; its later calls queue behind this one
+        master = self.group.actors[0].address.remote()
+        self._connecting: list[Any] = self.group.submit("init_distributed", master, engine)
 
     @property
     def ranks(self) -> int:
         return self.group.n
 
+    def submit_build(self, spec: ModelSpec, optim: OptimSpec) -> list[Any]:
+        """Start loading the model into the ZeRO engine on every rank (once they have started
+        and connected); `finish_build` waits for it. Groups built at once start in parallel."""
+        return self.group.submit("build", spec, optim)
+
+    def finish_build(self, refs: list[Any]) -> int:
+        """Wait for `submit_build`; the model's parameter count. A rank that failed to start,
+        connect or build shuts the group down and raises a RemoteCallError naming it."""
+        try:
+            if self._connecting:
+                self.group.get(self._connecting, "init_distributed")
+                self._connecting = []
+            return int(self.group.get(refs, "build")[0])
+        except BaseException:
+            self.group.shutdown()
+            raise
+
     def build(self, spec: ModelSpec, optim: OptimSpec) -> int:
-        return int(self.group.call("build", spec, optim)[0])
+        return self.finish_build(self.submit_build(spec, optim))
 
     def train_step(self, objective: Objective, shards: list[dict[str, Any]]) -> dict[str, float]:
         """One step over the global batch given as one slice per rank; metrics summed over

@@ -232,37 +232,47 @@ class Roles:
         self.sync = weight_sync_method(config)
         self.bucket_bytes = int(r.sync_bucket_mb * 2**20)
         self._sending: list[Any] = []  # the policy's refs of a broadcast sync under way
-        self.policy: LearnerGroup = self._learners("policy")
-        self.critic: LearnerGroup = self._learners("critic")
+        self.policy: LearnerGroup
+        self.critic: LearnerGroup
+        self._learners(["policy", "critic"])
         self.ptx_ref = ray.put(inputs.ptx)
         self.ptx_size = len(inputs.ptx)
         self.pad_id = int(inputs.tokenizer.pad_token_id)
 
-    def _learners(self, name: str) -> LearnerGroup:
-        """The policy or critic group, built from the run's starting model."""
+    def _learners(self, names: list[str]) -> None:
+        """Start the named groups (policy, critic) and build them from the run's starting
+        models, all at once: their ranks start, connect and load in parallel with each other
+        (and with the engines and scorers, which start meanwhile)."""
         config, cfg, r = self.config, self.config.ppo, self.config.rollout
-        section = config.learner if name == "policy" else cfg.critic
-        group = self._add(
-            learner_group(section, config.seed, name, cfg.minibatch_size, config.ray, self.log)
-        )
         steps = cfg.iterations * cfg.epochs * (cfg.rollout_batch // cfg.minibatch_size)
         trust = config.trust_remote_code
-        if name == "policy":
-            group.build(
+        specs = {
+            "policy": (
+                config.learner,
                 ModelSpec(self.inputs.policy, trust_remote_code=trust),
                 optim_spec(cfg.policy_optim, steps),
-            )
-            if self.sync == "broadcast":
-                gpus = r.gpus_per_engine > 0 and config.learner.gpus_per_rank > 0
-                group.open_weight_group(
-                    self.engines, "nccl" if gpus else "gloo", config.learner.collective_timeout_s
-                )
-        else:
-            group.build(
+            ),
+            "critic": (
+                cfg.critic,
                 ModelSpec(self.inputs.critic_model, kind="reward", trust_remote_code=trust),
                 optim_spec(cfg.critic_optim, steps),
+            ),
+        }
+        building = []
+        for name in names:
+            section, model, optim = specs[name]
+            group = self._add(
+                learner_group(section, config.seed, name, cfg.minibatch_size, config.ray, self.log)
             )
-        return group
+            setattr(self, name, group)
+            building.append((group, group.submit_build(model, optim)))
+        for group, refs in building:
+            group.finish_build(refs)
+        if "policy" in names and self.sync == "broadcast":
+            gpus = r.gpus_per_engine > 0 and config.learner.gpus_per_rank > 0
+            self.policy.open_weight_group(
+                self.engines, "nccl" if gpus else "gloo", config.learner.collective_timeout_s
+            )
 
     def dead_learners(self) -> list[str]:
         """The learner groups (policy, critic) with a rank that died or does not answer."""
@@ -275,7 +285,7 @@ class Roles:
             old = getattr(self, name)
             old.shutdown()
             self.groups.remove(old)
-            setattr(self, name, self._learners(name))
+        self._learners(names)
 
     def recover(self, version: int, cause: BaseException) -> list[str]:
         """Replace every engine, reward, reference or joiner actor that died or hangs (a new
