@@ -77,6 +77,57 @@ def test_experience_joins_a_chunk_and_its_figures() -> None:
     assert figures["rollout/samples_engine_0"] == figures["rollout/samples_engine_1"] == 1
 
 
+def test_experience_carries_the_learners_logprobs_and_their_distance_to_the_engines() -> None:
+    """ppo.old_logprobs=learner: the policy ranks' log-probs follow the critic's values as
+    parts of their own; each sample keeps them, and the chunk reports the engine-to-learner KL."""
+    from trainers.objectives import policy_batch
+    from trainers.ppo_math import kl_estimate
+
+    samples = [
+        {"prompt_ids": [1, 2], "response_ids": [5, 6], "logprobs": [-1.0, -0.5], "finished": True,
+         "version": 1, "engine": 0},
+        {"prompt_ids": [3, 4], "response_ids": [7], "logprobs": [-2.0], "finished": False,
+         "version": 1, "engine": 0},
+    ]  # fmt: skip
+    learner = [[-1.25, -0.5], [-1.5]]
+    chunk, stats = make_experience(
+        samples,
+        [1.0, 0.0],
+        [[-1.0, -0.5], [-2.0]],
+        [[0.0, 0.0], [0.0]],  # the critic's one rank
+        learner[:1],  # the policy's two ranks
+        learner[1:],
+        beta=0.1,
+        estimator="k1",
+        gamma=1.0,
+        lam=0.95,
+        reward_clip=5.0,
+        policy_parts=2,
+    )
+    assert [s["learner_logprobs"] for s in chunk] == learner
+    assert [s["values"] for s in chunk] == [[0.0, 0.0], [0.0]]
+    k3 = kl_estimate(torch.tensor([-1.0, -0.5, -2.0]), torch.tensor([-1.25, -0.5, -1.5]), "k3")
+    assert summarize([stats])["behavior_kl"] == pytest.approx(float(k3.sum()) / 3)
+    # the learners' minibatch: the ratio is taken against the learner's, the engine's weigh it
+    for s in chunk:
+        s["advantages"] = [0.0] * len(s["response_ids"])
+    batch = policy_batch([chunk, []], {"samples": [0, 1], "ptx": []}, 0, 1, pad_id=0,
+                         adv_mean=0.0, adv_std=1.0)  # fmt: skip
+    assert batch["old_logprobs"].tolist() == [[-1.25, -0.5], [-1.5, 0.0]]
+    assert batch["behavior_logprobs"].tolist() == [[-1.0, -0.5], [-2.0, 0.0]]
+    # without them, the engine's log-probs are the old ones and nothing is weighted
+    plain, plain_stats = make_experience(samples, [1.0, 0.0], [[-1.0, -0.5], [-2.0]],
+                                         [[0.0, 0.0], [0.0]], beta=0.1, estimator="k1",
+                                         gamma=1.0, lam=0.95, reward_clip=5.0)  # fmt: skip
+    assert "behavior_kl" not in summarize([plain_stats])
+    for s in plain:
+        s["advantages"] = [0.0] * len(s["response_ids"])
+    batch = policy_batch([plain, []], {"samples": [0, 1], "ptx": []}, 0, 1, pad_id=0,
+                         adv_mean=0.0, adv_std=1.0)  # fmt: skip
+    assert "behavior_logprobs" not in batch
+    assert batch["old_logprobs"].tolist() == [[-1.0, -0.5], [-2.0, 0.0]]
+
+
 def test_a_sample_with_a_nan_score_is_left_out_of_the_figures() -> None:
     samples = [
         {"prompt_ids": [1], "response_ids": [5, 6], "logprobs": [-1.0, -0.5], "finished": True,

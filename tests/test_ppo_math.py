@@ -12,6 +12,7 @@ from trainers.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    behavior_weights,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -113,6 +114,31 @@ def test_policy_loss_gradient_is_zero_where_clipped_and_favourable() -> None:
     loss, _ = policy_loss(logp, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), clip=0.2)
     loss.backward()
     assert logp.grad.item() == 0.0
+
+
+def test_decoupled_policy_loss_weights_each_token_by_its_capped_behavior_ratio() -> None:
+    """ppo.old_logprobs=learner: the clip is around π_old, and each token's term (and gradient)
+    is scaled by min(π_old / π_behavior, cap); with π_behavior = π_old it is plain PPO."""
+    logp, old, mask = _ragged(3, [4, 2, 3])
+    old = logp.detach() + 0.3 * old
+    behavior = old + torch.tensor([[0.1, -0.2, 0.0, -3.0], [0.0, 0.3, 0.0, 0.0], [-0.1] * 4])
+    adv = torch.randn(logp.shape, generator=torch.Generator().manual_seed(4))
+    w = behavior_weights(old, behavior, cap=5.0)
+    assert w[0, 3].item() == 5.0  # e^3 is capped
+    assert w[1, 1].item() == pytest.approx(math.exp(-0.3))
+    same = behavior_weights(old, old, cap=5.0)
+    assert torch.equal(same, torch.ones_like(old))
+    plain, _ = policy_loss(logp, old, adv, mask, clip=0.2)
+    assert policy_loss(logp, old, adv, mask, clip=0.2, weights=same)[0].item() == plain.item()
+
+    per_token = []
+    for weights in (None, w):
+        lp = logp.clone().requires_grad_(True)
+        loss, _ = policy_loss(lp, old, adv, mask, clip=0.2, weights=weights)
+        loss.backward()
+        per_token.append(lp.grad)
+    assert torch.allclose(per_token[1], per_token[0] * w, atol=1e-7)
+    assert not w.requires_grad
 
 
 def test_value_loss_matches_a_loop_and_clips() -> None:

@@ -329,6 +329,16 @@ class PPOConfig(Section):
     """PPO's ratio clip ε"""
     value_clip: float | None = Field(default=0.2, gt=0)
     """clip of the value update around the old values; null: no clipping"""
+    old_logprobs: Literal["engine", "learner"] = "engine"
+    """the log-probs that PPO's ratio is taken against: the engine's, from the weights that
+    sampled the tokens; or learner: the policy learners' own at the iteration's start (one more
+    forward pass over the batch, during generation in synchronous mode), each token then
+    weighted by its learner/engine probability ratio, capped at ppo.behavior_weight_cap
+    (decoupled PPO: the clip is around the policy being trained, and the weight corrects for a
+    batch sampled one version behind in overlapped mode, or by an engine whose numerics differ,
+    e.g. in bfloat16)"""
+    behavior_weight_cap: float = Field(default=5.0, gt=1)
+    """old_logprobs=learner: the largest learner/engine probability ratio a token is weighted by"""
     gamma: float = Field(default=1.0, ge=0, le=1)
     """discount of GAE"""
     lam: float = Field(default=0.95, ge=0, le=1)
@@ -351,7 +361,8 @@ class PPOConfig(Section):
     overlap: bool = False
     """overlapped mode: the engines generate the next iteration's batch (with the weights of one
     version before) while the learners train on this one; each sample carries the weight version
-    that generated it and the PPO ratio is taken against that version's log-probs"""
+    that generated it and the PPO ratio is taken against that version's log-probs (or see
+    ppo.old_logprobs)"""
     learner_restarts: int = Field(default=3, ge=0)
     """times the policy and critic groups are brought back from the last checkpoint (or the
     start) within the run after one of their ranks died or hung; then the run stops"""

@@ -37,17 +37,21 @@ def make_experience(
     samples: list[dict[str, Any]],
     scores: list[float],
     ref_logprobs: list[list[float]],
-    *value_parts: list[list[float]],
+    *parts: list[list[float]],
     beta: float,
     estimator: str,
     gamma: float,
     lam: float,
     reward_clip: float | None,
     reward_scale: float = 1.0,
+    policy_parts: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """value_parts: the critic ranks' values of their contiguous shares, in rank order.
+    """parts: the critic ranks' values of their contiguous shares, in rank order, then (the
+    last `policy_parts`) the policy ranks' log-probs of theirs (ppo.old_logprobs=learner).
     Scores are divided by `reward_scale`, then clipped to ±reward_clip."""
+    value_parts = parts[: len(parts) - policy_parts]
     values = [v for part in value_parts for v in part]
+    learner_lp = [lp for part in parts[len(value_parts) :] for lp in part] or None
     width = max(len(s["response_ids"]) for s in samples)
     mask = _pad([[1.0] * len(s["response_ids"]) for s in samples], width)  # (B, A)
     logp = _pad([s["logprobs"] for s in samples], width)
@@ -81,6 +85,8 @@ def make_experience(
                 "returns": returns[i, :n].tolist(),
             }
         )
+        if learner_lp is not None:
+            out[-1]["learner_logprobs"] = learner_lp[i]
 
     def zero_bad(t: torch.Tensor) -> torch.Tensor:
         return torch.where(bad[:, None] if t.dim() == 2 else bad, torch.zeros_like(t), t)
@@ -111,6 +117,11 @@ def make_experience(
             for e in sorted({s["engine"] for s in samples})
         },
     }
+    if learner_lp is not None:
+        # how far the engine's sampling distribution is from the learner's: k3 of the engine's
+        # against the learner's, summed over tokens
+        k3 = kl_estimate(logp, _pad(learner_lp, width), "k3") * mask
+        stats["behavior_kl_sum"] = float(zero_bad(k3).sum())
     return out, stats
 
 
@@ -146,5 +157,8 @@ def summarize(stats: list[dict[str, Any]]) -> dict[str, float]:
         "tokens": tokens,
         "nonfinite_samples": total["nonfinite_samples"],
         "oldest_version": min(s["version_min"] for s in stats),
+        **(
+            {"behavior_kl": total["behavior_kl_sum"] / tokens} if "behavior_kl_sum" in total else {}
+        ),
         **{f"rollout/samples_engine_{e}": c for e, c in sorted(by_engine.items())},
     }

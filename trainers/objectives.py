@@ -15,7 +15,7 @@ from actors.batching import pack, response_logprobs, unpack_rows
 from cluster.groups import split_evenly
 from trainers.data import collate_sft
 from trainers.losses import masked_sum, pairwise_accuracy, ranking_loss, sft_loss, token_logprobs
-from trainers.ppo_math import entropy_from_logits, policy_loss, value_loss
+from trainers.ppo_math import behavior_weights, entropy_from_logits, policy_loss, value_loss
 
 
 def sft_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -91,6 +91,22 @@ def critic_values(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     return values[:, p - 1 : p - 1 + a]
 
 
+def sample_logprobs(
+    model: Any, samples: list[dict[str, Any]], pad_id: int, temperature: float
+) -> list[list[float]]:
+    """The policy's per-token log-probs of sampled responses, at the sampling temperature (as
+    the engine reports them), for ppo.old_logprobs=learner."""
+    if not samples:
+        return []
+    batch = _device_batch(model, pack(samples, pad_id))
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).logits
+    return unpack_rows(response_logprobs(logits / temperature, batch), batch)
+
+
 def sample_values(model: Any, samples: list[dict[str, Any]], pad_id: int) -> list[list[float]]:
     """The critic's per-token values of sampled responses (for the experience)."""
     if not samples:
@@ -123,7 +139,11 @@ def policy_batch(
     *chunks, ptx_examples = data
     mine, batch = _minibatch(chunks, step["samples"], rank, world, pad_id)
     width = batch["response_mask"].shape[1]
-    batch["old_logprobs"] = _padded(mine, "logprobs", width)
+    if "learner_logprobs" in mine[0]:  # ppo.old_logprobs=learner: decoupled PPO
+        batch["old_logprobs"] = _padded(mine, "learner_logprobs", width)
+        batch["behavior_logprobs"] = _padded(mine, "logprobs", width)
+    else:
+        batch["old_logprobs"] = _padded(mine, "logprobs", width)
     batch["advantages"] = (_padded(mine, "advantages", width) - adv_mean) / adv_std
     if step["ptx"]:
         rows = [ptx_examples[i] for i in step["ptx"]]
@@ -151,9 +171,12 @@ def ppo_objective(
     temperature: float,
     entropy_coef: float,
     ptx_coef: float,
+    behavior_weight_cap: float = 5.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (minus an entropy bonus), plus γ · the LM loss on demonstrations
-    (PPO-ptx) when the batch carries them. Loss and metrics are this rank's shares."""
+    (PPO-ptx) when the batch carries them. When it carries the engine's log-probs besides the
+    old ones (ppo.old_logprobs=learner), each token is weighted by their capped ratio. Loss and
+    metrics are this rank's shares."""
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -163,7 +186,14 @@ def ppo_objective(
     p, a = batch["prompt_width"], batch["response_mask"].shape[1]
     logp = response_logprobs(logits, batch)  # (B, A)
     mask, n = batch["response_mask"], batch["tokens"]
-    loss, m = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, clip, n)
+    weights = None
+    if "behavior_logprobs" in batch:
+        weights = behavior_weights(
+            batch["old_logprobs"], batch["behavior_logprobs"], behavior_weight_cap
+        )
+    loss, m = policy_loss(
+        logp, batch["old_logprobs"], batch["advantages"], mask, clip, n, weights=weights
+    )
     entropy = masked_sum(entropy_from_logits(logits[:, p - 1 : p - 1 + a]), mask) / n
     share = float(mask.sum()) / n
     total = loss - entropy_coef * entropy
@@ -173,6 +203,8 @@ def ppo_objective(
         "clipfrac": m.clipfrac * share,
         "approx_kl": m.approx_kl * share,
     }
+    if weights is not None:
+        metrics["behavior_weight"] = float(masked_sum(weights, mask)) / n
     if "ptx_input_ids" in batch and ptx_coef > 0:
         ptx_logits = model(
             input_ids=batch["ptx_input_ids"], attention_mask=batch["ptx_attention_mask"]

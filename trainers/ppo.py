@@ -50,6 +50,7 @@ from trainers.objectives import (
     critic_batch,
     policy_batch,
     ppo_objective,
+    sample_logprobs,
     sample_values,
     value_objective,
 )
@@ -506,6 +507,15 @@ def start_rollout(
 def _join(config: RunConfig, roles: Roles, rollout: Rollout, done: Any) -> tuple[Any, Any]:
     """The experience of a generated chunk: scored, valued and joined by actors (refs)."""
     cfg = config.ppo
+    # ppo.old_logprobs=learner: the policy's own log-probs, from the weights it holds before
+    # it trains on this batch (in overlapped mode the call waits behind the current training)
+    learner_lp = (
+        roles.policy.submit_forward_slice(
+            done, partial(sample_logprobs, pad_id=roles.pad_id, temperature=cfg.temperature)
+        )
+        if cfg.old_logprobs == "learner"
+        else []
+    )
     return (
         roles.joiner.actors[0]
         .run.options(num_returns=2)
@@ -515,6 +525,8 @@ def _join(config: RunConfig, roles: Roles, rollout: Rollout, done: Any) -> tuple
             roles.reward.actors[0].score.remote(done),
             roles.reference.actors[0].logprobs.remote(done),
             *roles.critic.submit_forward_slice(done, partial(sample_values, pad_id=roles.pad_id)),
+            *learner_lp,
+            policy_parts=len(learner_lp),
             beta=rollout.beta,
             estimator=cfg.kl.estimator,
             gamma=cfg.gamma,
@@ -632,6 +644,7 @@ def iteration(
             temperature=cfg.temperature,
             entropy_coef=cfg.entropy_coef,
             ptx_coef=cfg.ptx_coef,
+            behavior_weight_cap=cfg.behavior_weight_cap,
         ),
         partial(policy_batch, pad_id=pad_id, adv_mean=adv_mean, adv_std=adv_std),
     )

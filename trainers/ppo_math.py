@@ -81,6 +81,16 @@ class PolicyLossMetrics:
     ratio_mean: float
 
 
+def behavior_weights(
+    old_logp: torch.Tensor, behavior_logp: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Decoupled PPO's per-token importance weights π_old / π_behavior (no gradient), capped at
+    `cap`: the clipped surrogate is taken around π_old (the policy at the update's start) on
+    tokens that π_behavior sampled (an engine one weight version behind, or with other
+    numerics)."""
+    return torch.exp(old_logp - behavior_logp).clamp(max=cap).detach()
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -88,9 +98,11 @@ def policy_loss(
     mask: torch.Tensor,
     clip: float,
     normalizer: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PolicyLossMetrics]:
     """PPO's clipped surrogate, summed over tokens and divided by `normalizer` (default: the
-    count of masked tokens here). All (B, A).
+    count of masked tokens here). All (B, A). `weights` (see `behavior_weights`) multiply each
+    token's term.
 
     approx_kl is k3 of the old policy against the new on the sampled tokens; clipfrac the share
     of tokens where the clipped term was the smaller one.
@@ -100,6 +112,8 @@ def policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights
     denom = mask.sum().clamp(min=1) if normalizer is None else normalizer
     loss = masked_sum(per_token, mask) / denom
     with torch.no_grad():
