@@ -63,3 +63,20 @@ def demo_run(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     out = tmp_path_factory.mktemp("tiny")
     config = load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={out}"])
     return out, run(config)
+
+
+@pytest.fixture(scope="session")
+def short_eval(demo_run, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Overrides for a short PPO run from the demo: its evaluations (before and after training)
+    on the first 32 held-out prompts and demonstrations instead of all 200, which saves about 5 s
+    a run (the tests that use it check the run's mechanics, not what the evaluation measures)."""
+    demo, _ = demo_run
+    folder = tmp_path_factory.mktemp("short_eval")
+    files = {
+        "heldout_prompts": "prompts_heldout.jsonl",
+        "heldout_demonstrations": "sft_heldout.jsonl",
+    }
+    for name in files.values():
+        lines = (demo / "task" / name).read_text().splitlines(keepends=True)
+        (folder / name).write_text("".join(lines[:32]))
+    return [f"ppo.{field}={folder / name}" for field, name in files.items()]

@@ -136,7 +136,10 @@ def test_a_role_that_no_node_can_host_fails_at_once_listing_the_nodes(ray_cluste
 
 
 @pytest.mark.integration
-def test_the_number_of_engines_follows_the_config_and_both_generate(demo_run) -> None:
+def test_two_engines_both_generate_and_the_learners_logprobs_match_theirs(demo_run) -> None:
+    """Two engines share an iteration's chunks. With ppo.old_logprobs=learner, the policy's own
+    log-probs join each sample: in the synchronous mode they come from the weights the engines
+    sampled with, so they match the engines' and every token's weight is 1."""
     import ray
 
     from trainers.common import check_model_folder
@@ -146,49 +149,56 @@ def test_the_number_of_engines_follows_the_config_and_both_generate(demo_run) ->
     from trainers.ppo_math import FixedKLController, RunningMoments
 
     out, _ = demo_run
-    for engines in (1, 2):
-        config = load_config(
-            ROOT / "configs" / "tiny.yaml",
-            [
-                f"output_dir={out}",
-                f"rollout.engines={engines}",
-                "rollout.cpus_per_engine=0.25",
-                "rollout.chunk_size=8",
-                "ppo.rollout_batch=32",
-                "learner.ranks=1",
-            ],
+    engines = 2  # one engine is what every other PPO test runs
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"output_dir={out}",
+            f"rollout.engines={engines}",
+            "rollout.cpus_per_engine=0.25",
+            "rollout.chunk_size=8",
+            "ppo.rollout_batch=32",
+            "learner.ranks=1",
+            "ppo.old_logprobs=learner",
+        ],
+    )
+    paths = resolve_paths(config)
+    inputs = prepare_ppo(
+        config, paths, check_model_folder(paths.ppo_policy, "ppo.policy"), lambda _: None
+    )
+    with Roles(config, inputs) as roles:
+        assert len(roles.engines.actors) == engines
+        placed = roles.placement()["rollout"]
+        assert [r["rank"] for r in placed] == list(range(engines))
+        figures, experience, _ = iteration(
+            config,
+            roles,
+            PromptStream(inputs.prompts, 0),
+            FixedKLController(0.05),
+            RunningMoments(),
+            0,
+            0,
         )
-        paths = resolve_paths(config)
-        inputs = prepare_ppo(
-            config, paths, check_model_folder(paths.ppo_policy, "ppo.policy"), lambda _: None
-        )
-        with Roles(config, inputs) as roles:
-            assert len(roles.engines.actors) == engines
-            placed = roles.placement()["rollout"]
-            assert [r["rank"] for r in placed] == list(range(engines))
-            figures, experience, _ = iteration(
-                config,
-                roles,
-                PromptStream(inputs.prompts, 0),
-                FixedKLController(0.05),
-                RunningMoments(),
-                0,
-                0,
-            )
-            samples = [s for chunk in ray.get(experience) for s in chunk]
-        assert len(samples) == 32
-        # 4 chunks of 8 dealt in turn: each engine generated its share
-        assert {s["engine"] for s in samples} == set(range(engines))
-        for e in range(engines):
-            assert figures[f"rollout/samples_engine_{e}"] == 32 / engines
+        samples = [s for chunk in ray.get(experience) for s in chunk]
+    assert len(samples) == 32
+    # 4 chunks of 8 dealt in turn: each engine generated its share
+    assert {s["engine"] for s in samples} == set(range(engines))
+    for e in range(engines):
+        assert figures[f"rollout/samples_engine_{e}"] == 32 / engines
+    for s in samples:
+        assert s["learner_logprobs"] == pytest.approx(s["logprobs"], abs=1e-3)
+    assert 0.0 <= figures["behavior_kl"] < 1e-5
+    assert figures["behavior_weight"] == pytest.approx(1.0, abs=1e-3)
 
 
 # -- real multi-node clusters on this machine ------------------------------------------------
 
 
-def _ppo_only(demo: Path, run_dir: Path, iterations: int) -> list[str]:
-    """Overrides: a short PPO stage from the demo run's SFT model and RM."""
+def _ppo_only(demo: Path, run_dir: Path, iterations: int, short_eval: list[str]) -> list[str]:
+    """Overrides: a short PPO stage from the demo run's SFT model and RM, evaluated on a few
+    held-out prompts."""
     return [
+        *short_eval,
         "stages=[ppo]",
         f"output_dir={run_dir}",
         "task.seed=0",
@@ -219,7 +229,7 @@ def _files_containing(folder: Path, needle: str) -> list[Path]:
 
 @pytest.mark.integration
 def test_a_submitted_run_places_each_role_on_the_node_its_resources_name(
-    demo_run, ray_cluster, tmp_path: Path
+    demo_run, short_eval, ray_cluster, tmp_path: Path
 ) -> None:
     import ray
 
@@ -238,7 +248,7 @@ def test_a_submitted_run_places_each_role_on_the_node_its_resources_name(
         submitted = _cli(
             "submit",
             "configs/tiny.yaml",
-            *_ppo_only(demo, run_dir, iterations=4),
+            *_ppo_only(demo, run_dir, iterations=4, short_eval=short_eval),
             "learner.resources_per_rank={learner_node: 1}",
             "ppo.critic.resources_per_rank={learner_node: 1}",
             "rollout.resources_per_engine={rollout_node: 1}",
@@ -288,7 +298,7 @@ def test_a_submitted_run_places_each_role_on_the_node_its_resources_name(
         _cli(
             "submit",
             "configs/tiny.yaml",
-            *_ppo_only(demo, tmp_path / "stopped", iterations=50),
+            *_ppo_only(demo, tmp_path / "stopped", iterations=50, short_eval=short_eval),
             "--address",
             nodes.dashboard,
             "--job-id",
@@ -350,7 +360,9 @@ def _fake_autoscaler(gcs_address: str, head: dict, workers: dict) -> dict:
 
 
 @pytest.mark.integration
-def test_engines_that_do_not_fit_make_the_autoscaler_add_nodes(demo_run, tmp_path: Path) -> None:
+def test_engines_that_do_not_fit_make_the_autoscaler_add_nodes(
+    demo_run, short_eval, tmp_path: Path
+) -> None:
     demo, _ = demo_run
     run_dir = tmp_path / "run"
     with LocalNodes() as nodes:
@@ -382,7 +394,7 @@ def test_engines_that_do_not_fit_make_the_autoscaler_add_nodes(demo_run, tmp_pat
         done = _cli(
             "run",
             "configs/tiny.yaml",
-            *_ppo_only(demo, run_dir, iterations=2),
+            *_ppo_only(demo, run_dir, iterations=2, short_eval=short_eval),
             "rollout.engines=2",
             "rollout.cpus_per_engine=0.5",
             "rollout.resources_per_engine={rollout_node: 1}",

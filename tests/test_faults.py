@@ -78,7 +78,7 @@ def test_killed_engine_reward_reference_and_joiner_actors_are_replaced_and_nothi
 
 @pytest.mark.e2e
 def test_a_reward_model_that_scores_nan_skips_updates_and_stops_the_run(
-    demo_run, tmp_path: Path
+    demo_run, short_eval, tmp_path: Path
 ) -> None:
     import torch
     from safetensors.torch import load_file, save_file
@@ -101,6 +101,7 @@ def test_a_reward_model_that_scores_nan_skips_updates_and_stops_the_run(
         "ppo.iterations=3",
         "ppo.checkpoint_every=1",
         "ppo.max_skipped_steps=4",
+        *short_eval,
     )
     with pytest.raises(NonFiniteError) as e:
         run(config, log=lambda _: None)
@@ -113,7 +114,7 @@ def test_a_reward_model_that_scores_nan_skips_updates_and_stops_the_run(
 
 @pytest.mark.e2e
 def test_a_killed_learner_rank_brings_the_groups_back_from_the_last_checkpoint(
-    demo_run, tmp_path: Path
+    demo_run, short_eval, tmp_path: Path
 ) -> None:
     """A policy or critic rank killed at a random point after the first checkpoint: both groups
     go back to it within the run, which ends with every iteration done."""
@@ -134,6 +135,7 @@ def test_a_killed_learner_rank_brings_the_groups_back_from_the_last_checkpoint(
         "ppo.checkpoint_every=2",
         "ppo.rollout_batch=32",
         "learner.collective_timeout_s=60",
+        *short_eval,
     )
     latest = tmp_path / "run" / "ppo" / "checkpoints" / "latest"
     rng = random.Random()

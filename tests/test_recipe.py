@@ -201,7 +201,7 @@ def test_cli_refuses_a_malformed_data_line(tmp_path: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.parametrize("overlap", [False, True], ids=["synchronous", "overlapped"])
 def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(
-    demo_run, tmp_path: Path, overlap: bool
+    demo_run, short_eval, tmp_path: Path, overlap: bool
 ) -> None:
     import os
     import shutil
@@ -225,6 +225,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(
         "ppo.rollout_batch=32",
         # overlapped: the checkpoint keeps the batch generated while its iteration trained
         f"ppo.overlap={str(overlap).lower()}",
+        *short_eval,
         # a second driver on this session's cluster: killing it leaves no Ray process behind
         f"ray.address={ray.get_runtime_context().gcs_address}",
     ]
