@@ -136,6 +136,38 @@ def test_a_role_that_no_node_can_host_fails_at_once_listing_the_nodes(ray_cluste
 
 
 @pytest.mark.integration
+def test_a_role_that_cannot_be_placed_takes_down_the_roles_already_started(demo_run) -> None:
+    """The critic asks for a resource no node has: the PPO roles fail to start, naming it, and
+    the engine, scorers and policy that had started are gone, their CPUs free again."""
+    import time
+
+    import ray
+
+    from cluster import PlacementError
+    from trainers.common import check_model_folder
+    from trainers.config import load_config
+    from trainers.pipeline import prepare_ppo, resolve_paths
+    from trainers.ppo import Roles
+
+    out, _ = demo_run
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [f"output_dir={out}", "ppo.critic.resources_per_rank={critic_node: 1}"],
+    )
+    paths = resolve_paths(config)
+    inputs = prepare_ppo(
+        config, paths, check_model_folder(paths.ppo_policy, "ppo.policy"), lambda _: None
+    )
+    with pytest.raises(PlacementError) as e:
+        Roles(config, inputs, log=lambda _: None)
+    assert "critic: needs 1 × {CPU: 0.25, critic_node: 1}" in str(e.value)
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
+
+
+@pytest.mark.integration
 def test_two_engines_both_generate_and_the_learners_logprobs_match_theirs(demo_run) -> None:
     """Two engines share an iteration's chunks. With ppo.old_logprobs=learner, the policy's own
     log-probs join each sample: in the synchronous mode they come from the weights the engines

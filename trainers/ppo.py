@@ -181,10 +181,17 @@ class Roles:
     """Every actor of the PPO stage; shuts them all down on exit."""
 
     def __init__(self, config: RunConfig, inputs: PPOInputs, log: Any = print) -> None:
-        cfg, r = config.ppo, config.rollout
         self.log = log
-        wait = autoscaling_timeout(config.ray)
         self.groups: list[Any] = []
+        try:
+            self._start(config, inputs, log)
+        except BaseException:
+            self.__exit__()  # a role that fails to start takes down the ones already started
+            raise
+
+    def _start(self, config: RunConfig, inputs: PPOInputs, log: Any) -> None:
+        cfg, r = config.ppo, config.rollout
+        wait = autoscaling_timeout(config.ray)
         max_len = config.data.max_prompt_tokens + cfg.max_new_tokens
         self.engines = self._add(
             ActorGroup(
