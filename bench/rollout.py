@@ -70,6 +70,7 @@ def engine_in_actor(
     with RayRuntime(None, num_cpus=os.cpu_count()):
         t = time.perf_counter()
         with engine_group(model_dir, enforce_eager=enforce_eager) as engines:
+            engines.call("get_version")  # the actor starts in the background: wait until it is up
             start = time.perf_counter() - t
             engine = engines.actors[0]
             for _ in range(repeats + 1):
