@@ -61,7 +61,6 @@ bench: $(STAMP)
 	$(PY) -m bench.weight_sync
 	$(PY) -m bench.ppo_iteration
 	$(PY) -m bench.scaling
-	$(PY) -m bench.scaling --rollouts 256 --iterations 2 --warmup 1
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .mypy_cache
