@@ -44,11 +44,26 @@ def records(path: Path) -> list[Any]:
     return out
 
 
+def finished_records(run_file: Path, wait_s: float = 60.0) -> list[Any]:
+    """The run file's records once wandb has written all of them: `run.finish()` can return
+    while wandb's own writer process still holds the last records (a test saw the final history
+    row and the exit record land after it returned), so wait for the exit record."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in out):
+            return out
+        assert time.monotonic() < deadline, f"{run_file}: no exit record after {wait_s:.0f} s"
+        time.sleep(0.5)
+
+
 def history(run_folder: Path) -> list[dict[str, Any]]:
     """The logged rows, in order, as {key: value}."""
     [run_file] = run_folder.glob("run-*.wandb")
     rows = []
-    for r in records(run_file):
+    for r in finished_records(run_file):
         if r.WhichOneof("record_type") == "history":
             row = {}
             for item in r.history.item:
