@@ -262,8 +262,9 @@ class RolloutConfig(Section):
     """broadcast sync: megabytes of weights per broadcast"""
     enforce_eager: bool = True
     """run the engine's model eagerly; false: vLLM compiles it (torch.compile, and CUDA graphs
-    on a GPU), which decodes faster after a longer start (on 2 CPU cores about 30 s the first
-    time, 15-20 s once the compiled code is cached in .cache/vllm; see bench/rollout.py)"""
+    on a GPU) after a longer start (on 2 CPU cores about 20-35 s, the compiled code cached in
+    .cache/vllm). On the 2-core CPU, bench/rollout.py measured no faster decoding; on GPUs the
+    CUDA graphs are what it is for"""
 
 
 class ScorerConfig(Section):
