@@ -84,8 +84,8 @@ def engine_in_actor(
 def vllm_alone(
     model_dir: str, prompts: list[list[int]], repeats: int, enforce_eager: bool = True
 ) -> list[float]:
-    """vLLM's LLM in this process (the floor under our engine). A compiled engine (not
-    enforce_eager) is released at the end, so that the next one starts on a free machine."""
+    """vLLM's LLM in this process (the floor under our engine). The engine is released at the
+    end, so that the next one starts on a free machine."""
     import gc
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
