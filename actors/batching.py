@@ -37,12 +37,30 @@ def pack(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     }
 
 
-def response_logprobs(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """(B, A) log-probs of the response tokens from a causal LM's logits over a packed batch."""
+def response_logprobs(
+    logits: torch.Tensor, batch: dict[str, Any], temperature: float = 1.0
+) -> torch.Tensor:
+    """(B, A) log-probs of the response tokens from a causal LM's logits over a packed batch, at
+    the sampling temperature (the distribution the engine sampled from)."""
     p, a = batch["prompt_width"], batch["response_mask"].shape[1]
     scoring = logits[:, p - 1 : p - 1 + a].float()  # (B, A, V): the outputs that choose them
+    if temperature != 1.0:
+        scoring = scoring / temperature
     tokens = batch["input_ids"][:, p : p + a]  # (B, A)
     return torch.log_softmax(scoring, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_logprobs(model: Any, batch: dict[str, Any], temperature: float) -> list[list[float]]:
+    """Each sample's per-token log-probs of its response under a causal LM, at the sampling
+    temperature: what the engine reports for the tokens it sampled, what the reference policy
+    gives for the KL penalty and the learner for decoupled PPO (one function, so that all three
+    agree by construction). `batch` is a packed batch on the model's device."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).logits
+    return unpack_rows(response_logprobs(logits, batch, temperature), batch)
 
 
 def unpack_rows(values: torch.Tensor, batch: dict[str, Any]) -> list[list[float]]:

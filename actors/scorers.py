@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.batching import pack, response_logprobs, unpack_rows
+from actors.batching import pack, sample_logprobs
 from actors.busy import BusyClock
 
 
@@ -22,13 +22,19 @@ class _Frozen(BusyClock):
         trust_remote_code: bool = False,
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers import AutoModelForCausalLM
+
+        from actors.models import load_reward_model
 
         torch.set_num_threads(torch_threads)
-        cls = AutoModelForSequenceClassification if self.kind == "reward" else AutoModelForCausalLM
-        self.model = cls.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+        if self.kind == "reward":
+            self.model = load_reward_model(
+                path, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
         if torch.cuda.is_available():
             self.model = self.model.to("cuda")
         self.model.eval()
@@ -69,16 +75,13 @@ class RewardModel(_Frozen):
 class ReferencePolicy(_Frozen):
     """Per-token log-probs of the sampled responses under the frozen SFT policy."""
 
-    def logprobs(self, samples: list[dict[str, Any]]) -> list[list[float]]:
+    def logprobs(self, samples: list[dict[str, Any]], temperature: float) -> list[list[float]]:
+        """At the sampling temperature, as the engine's and the learner's log-probs are: the
+        KL penalty compares the same two distributions."""
         import torch
 
         rows: list[list[float]] = []
         with torch.no_grad(), self.busy():
             for b in self._batches(samples):
-                logits = self.model(
-                    input_ids=b["input_ids"],
-                    attention_mask=b["attention_mask"],
-                    position_ids=b["position_ids"],
-                ).logits
-                rows.extend(unpack_rows(response_logprobs(logits, b), b))
+                rows.extend(sample_logprobs(self.model, b, temperature))
         return rows

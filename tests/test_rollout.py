@@ -48,7 +48,10 @@ def engine(ray_cluster, small_task: Path):
 
 
 def test_engine_samples_with_logprobs_that_the_reference_agrees_with(engine, small_task, prompts):
+    """At any sampling temperature: the engine reports the log-probs of the distribution it
+    sampled from, and the reference (for the KL penalty) gives them at the same temperature."""
     [samples] = engine.call("generate", prompts, Sampling(max_new_tokens=12))
+    [cooled] = engine.call("generate", prompts, Sampling(max_new_tokens=12, temperature=0.6))
     assert len(samples) == len(prompts)
     assert all(s["prompt_ids"] == p for s, p in zip(samples, prompts, strict=True))
     assert all(1 <= len(s["response_ids"]) <= 12 for s in samples)
@@ -62,9 +65,20 @@ def test_engine_samples_with_logprobs_that_the_reference_agrees_with(engine, sma
         actor_kwargs={"path": str(small_task / "base_model")},
     ) as reference:
         # the samples travel as one object ref, never through this process again
-        [ref_lp] = reference.call("logprobs", ray.put(samples))
+        [ref_lp] = reference.call("logprobs", ray.put(samples), 1.0)
+        [ref_cooled] = reference.call("logprobs", ray.put(cooled), 0.6)
+        [ref_cooled_at_1] = reference.call("logprobs", ray.put(cooled), 1.0)
     for s, lp in zip(samples, ref_lp, strict=True):
         assert lp == pytest.approx(s["logprobs"], abs=1e-4)  # same weights, same tokens
+    for s, lp in zip(cooled, ref_cooled, strict=True):
+        assert lp == pytest.approx(s["logprobs"], abs=1e-4)
+    # and the temperature matters: at 1 the same tokens have other log-probs
+    gaps = [
+        abs(a - b)
+        for s, r in zip(cooled, ref_cooled_at_1, strict=True)
+        for a, b in zip(s["logprobs"], r, strict=True)
+    ]
+    assert max(gaps) > 1e-2
 
 
 def test_packed_batches_score_like_single_sequences(small_task: Path) -> None:
@@ -74,8 +88,8 @@ def test_packed_batches_score_like_single_sequences(small_task: Path) -> None:
         {"prompt_ids": [3, 4, 5, 6], "response_ids": [7, 8, 2]},
         {"prompt_ids": [9, 10], "response_ids": [11, 2]},
     ]
-    together = reference.logprobs(samples)
-    alone = [reference.logprobs([s])[0] for s in samples]
+    together = reference.logprobs(samples, 1.0)
+    alone = [reference.logprobs([s], 1.0)[0] for s in samples]
     for a, b in zip(together, alone, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
 

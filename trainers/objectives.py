@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from actors.batching import pack, response_logprobs, unpack_rows
+from actors.batching import pack, response_logprobs, sample_logprobs, unpack_rows
 from cluster.groups import split_evenly
 from trainers.data import collate_sft
 from trainers.losses import masked_sum, pairwise_accuracy, ranking_loss, sft_loss, token_logprobs
@@ -91,20 +91,14 @@ def critic_values(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     return values[:, p - 1 : p - 1 + a]
 
 
-def sample_logprobs(
+def learner_logprobs(
     model: Any, samples: list[dict[str, Any]], pad_id: int, temperature: float
 ) -> list[list[float]]:
     """The policy's per-token log-probs of sampled responses, at the sampling temperature (as
     the engine reports them), for ppo.old_logprobs=learner."""
     if not samples:
         return []
-    batch = _device_batch(model, pack(samples, pad_id))
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-    ).logits
-    return unpack_rows(response_logprobs(logits / temperature, batch), batch)
+    return sample_logprobs(model, _device_batch(model, pack(samples, pad_id)), temperature)
 
 
 def sample_values(model: Any, samples: list[dict[str, Any]], pad_id: int) -> list[list[float]]:

@@ -48,9 +48,9 @@ from trainers.data import (
 from trainers.experience import make_experience, summarize
 from trainers.objectives import (
     critic_batch,
+    learner_logprobs,
     policy_batch,
     ppo_objective,
-    sample_logprobs,
     sample_values,
     value_objective,
 )
@@ -518,7 +518,7 @@ def _join(config: RunConfig, roles: Roles, rollout: Rollout, done: Any) -> tuple
     # it trains on this batch (in overlapped mode the call waits behind the current training)
     learner_lp = (
         roles.policy.submit_forward_slice(
-            done, partial(sample_logprobs, pad_id=roles.pad_id, temperature=cfg.temperature)
+            done, partial(learner_logprobs, pad_id=roles.pad_id, temperature=cfg.temperature)
         )
         if cfg.old_logprobs == "learner"
         else []
@@ -530,7 +530,7 @@ def _join(config: RunConfig, roles: Roles, rollout: Rollout, done: Any) -> tuple
             make_experience,
             done,
             roles.reward.actors[0].score.remote(done),
-            roles.reference.actors[0].logprobs.remote(done),
+            roles.reference.actors[0].logprobs.remote(done, cfg.temperature),
             *roles.critic.submit_forward_slice(done, partial(sample_values, pad_id=roles.pad_id)),
             *learner_lp,
             policy_parts=len(learner_lp),
@@ -741,7 +741,8 @@ def sample_policy(
     samples = [s for chunk in ray.get(order, timeout=timeout) for s in chunk]
     samples_ref = ray.put(samples)
     scores = ray.get(roles.reward.actors[0].score.remote(samples_ref), timeout=timeout)
-    ref_lp = ray.get(roles.reference.actors[0].logprobs.remote(samples_ref), timeout=timeout)
+    reference = roles.reference.actors[0]
+    ref_lp = ray.get(reference.logprobs.remote(samples_ref, sampling.temperature), timeout=timeout)
     tok = inputs.tokenizer
     texts = [tok.decode(s["response_ids"], skip_special_tokens=True) for s in samples]
     kls = [sum(s["logprobs"]) - sum(r) for s, r in zip(samples, ref_lp, strict=True)]
