@@ -137,7 +137,9 @@ class Learner(BusyClock):
         """Load the model and wrap it in a ZeRO engine; returns its parameter count."""
         import deepspeed
         import torch
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers import AutoModelForCausalLM
+
+        from actors.models import load_reward_model
 
         e = self.engine_spec
         torch.manual_seed(e.seed)  # a new head (the RM's) starts the same on every rank
@@ -148,8 +150,8 @@ class Learner(BusyClock):
             "trust_remote_code": spec.trust_remote_code,
         }
         if spec.kind == "reward":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                spec.path, num_labels=1, **common
+            model = load_reward_model(
+                spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(spec.path, **common)
