@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
+import time
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 import ray
 
@@ -54,12 +57,66 @@ def local_token_auth() -> None:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
+class WorkerLog:
+    """Sends what the run's actors and tasks print (library warnings, load reports, engine
+    logs) to a file instead of the driver's console, where Ray would print every line.
+
+    Ray's driver hands each batch of worker output to the handlers of its stream dispatcher;
+    this swaps the one that prints for one that writes `[HH:MM:SS] (actor pid=N) line` to the
+    file, and swaps it back on `close`. The autoscaler's lines (nodes being added) stay on the
+    console: they are the cluster's progress, not a library's chatter. Actors' failures still
+    reach the driver as exceptions, and the run's own lines are printed by the driver.
+    """
+
+    NAME = "instructray_worker_log"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO | None = self.path.open("a", encoding="utf-8", buffering=1)
+        self._lock = threading.Lock()
+        self._saved: list[Any] | None = None
+        try:
+            from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+        except ImportError:  # another Ray: its printing stays as it is
+            return
+        self._dispatcher = dispatcher
+        with dispatcher._lock:
+            self._saved = list(dispatcher.handlers)
+            printers = [h for name, h in self._saved if name == "ray_print_logs"]
+            kept = [(n, h) for n, h in self._saved if n != "ray_print_logs"]
+            self._print = printers[0] if printers else None
+            dispatcher.handlers = [*kept, (self.NAME, self._handle)]
+
+    def _handle(self, data: dict[str, Any]) -> None:
+        if data.get("pid") == "autoscaler" and self._print is not None:
+            self._print(data)
+            return
+        who = data.get("actor_name") or data.get("task_name") or ""
+        prefix = f"[{time.strftime('%H:%M:%S')}] ({who + ' ' if who else ''}pid={data.get('pid')})"
+        with self._lock:
+            if self._file is not None:
+                self._file.writelines(f"{prefix} {line}\n" for line in data.get("lines", []))
+
+    def close(self) -> None:
+        if self._saved is not None:
+            with self._dispatcher._lock:
+                self._dispatcher.handlers = self._saved
+            self._saved = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
 class RayRuntime:
     """Context manager: a Ray session for one run.
 
     With `address=None` it starts a local cluster (stopped on exit, with every process it
     started), with token authentication on and its dashboard, if any, on 127.0.0.1; otherwise it
     joins the cluster at `address` (its token from RAY_AUTH_TOKEN) and only disconnects on exit.
+    With `worker_log`, what the actors print goes to that file while the session is open (see
+    `WorkerLog`), not to the console.
     """
 
     def __init__(
@@ -69,16 +126,25 @@ class RayRuntime:
         num_cpus: int | None = None,
         include_dashboard: bool = False,
         env: dict[str, str] | None = None,
+        worker_log: Path | None = None,
     ) -> None:
         self.address = address
+        self.worker_log = worker_log
+        self._log: WorkerLog | None = None
         self.num_cpus = num_cpus
         self.include_dashboard = include_dashboard
         self.env = dict(env or {})
         self._owned = False
 
     def __enter__(self) -> RayRuntime:
+        self._start()
+        if self.worker_log is not None:
+            self._log = WorkerLog(self.worker_log)
+        return self
+
+    def _start(self) -> None:
         if ray.is_initialized():  # e.g. a test session's shared cluster: use it, leave it up
-            return self
+            return
         env = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if self.address is None:
@@ -109,7 +175,6 @@ class RayRuntime:
             kwargs["address"] = self.address
         ray.init(**kwargs)
         self._owned = True
-        return self
 
     def __exit__(
         self,
@@ -117,6 +182,9 @@ class RayRuntime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._owned:
             ray.shutdown()
             self._owned = False

@@ -23,7 +23,7 @@ from trainers import ppo, rm, sft
 from trainers.common import StageRecord, check_model_folder, fingerprint
 from trainers.config import ConfigError, LearnerConfig, RunConfig, to_dict
 from trainers.task import ensure_task, labeler_score
-from trainers.tracking import Tracker
+from trainers.tracking import LibraryLog, Tracker
 
 
 class StageConflict(RuntimeError):
@@ -195,6 +195,25 @@ def run(
     check_capacity(config)
     paths = resolve_paths(config)
     paths.run.mkdir(parents=True, exist_ok=True)
+    # The console is for the run's own lines: what libraries print goes to the run's logs/.
+    logs = paths.run / "logs"
+    library_log = LibraryLog(logs / "driver.log")
+    try:
+        return _run(config, paths, logs, started, restart=restart, resume=resume, log=log)
+    finally:
+        library_log.close()
+
+
+def _run(
+    config: RunConfig,
+    paths: Paths,
+    logs: Path,
+    started: float,
+    *,
+    restart: bool,
+    resume: bool,
+    log: Any,
+) -> dict[str, Any]:
     plain = to_dict(config)
     (paths.run / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
     labeler = None
@@ -264,7 +283,9 @@ def run(
             config.ray.address,
             num_cpus=config.ray.num_cpus,
             include_dashboard=config.ray.include_dashboard,
+            worker_log=logs / "actors.log",
         ):
+            log(f"what the libraries and actors print goes to {logs}/ (actors.log, driver.log)")
             if "sft" in config.stages:
                 record = StageRecord(
                     paths.sft_out.parent,

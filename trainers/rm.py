@@ -121,6 +121,15 @@ def demonstration_mean(group: Any, inputs: RMInputs, batch_size: int) -> float:
     return float(torch.stack(rows).mean())
 
 
+def _postfix(loss: float, heldout_acc: float) -> dict[str, str]:
+    """The progress bar's figures: the held-out accuracy only once it has been measured (at the
+    end of the first epoch), never a NaN placeholder before it."""
+    shown = {"loss": f"{loss:.3f}"}
+    if not math.isnan(heldout_acc):
+        shown["heldout_acc"] = f"{heldout_acc:.3f}"
+    return shown
+
+
 def train(
     config: RunConfig,
     inputs: RMInputs,
@@ -163,10 +172,10 @@ def train(
                     {**{f"rm/{k}": v for k, v in metrics.items()}, "rm/train_accuracy": train_acc}
                 )
                 bar.update()
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", heldout_acc=f"{acc:.3f}")
+                bar.set_postfix(_postfix(metrics["loss"], acc))
             acc = heldout_accuracy(group, inputs, cfg.batch_size)
             tracker.log({"rm/heldout_accuracy": acc, "rm/epoch": epoch + 1})
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", heldout_acc=f"{acc:.3f}")
+            bar.set_postfix(_postfix(metrics["loss"], acc))
         bar.close()
         offset = demonstration_mean(group, inputs, cfg.batch_size)
         group.save(out, config_updates={"reward_offset": offset})

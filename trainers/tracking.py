@@ -87,3 +87,56 @@ def progress(total: int, desc: str) -> Any:
     return tqdm(
         total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.1 if tty else 15.0
     )
+
+
+class LibraryLog:
+    """Keeps the libraries' chatter in the driver process (Python warnings, the log records of
+    transformers, datasets, DeepSpeed, vLLM and Ray's Python side, datasets' and transformers'
+    progress bars) out of the console and in a file of the run folder; `close` undoes it. The
+    console keeps the run's own lines and progress bars, and errors."""
+
+    LOGGERS = ("py.warnings", "transformers", "datasets", "DeepSpeed", "deepspeed", "vllm", "torch")
+
+    def __init__(self, path: Path) -> None:
+        import logging
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(path, encoding="utf-8")
+        self.handler.setFormatter(
+            logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s", "%H:%M:%S")
+        )
+        self._saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
+        logging.captureWarnings(True)
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            self._saved.append((logger, list(logger.handlers), logger.propagate))
+            logger.handlers = [self.handler]
+            logger.propagate = False
+        self._bars = _library_bars(False)
+
+    def close(self) -> None:
+        import logging
+
+        for logger, handlers, propagate in self._saved:
+            logger.handlers = handlers
+            logger.propagate = propagate
+        self._saved = []
+        logging.captureWarnings(False)
+        _library_bars(self._bars)
+        self.handler.close()
+
+
+def _library_bars(enabled: bool) -> bool:
+    """Turn the progress bars of datasets and transformers on or off; returns whether they were
+    on."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was = datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
+    if enabled:
+        datasets.enable_progress_bars()
+        hf_logging.enable_progress_bar()
+    else:
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    return was

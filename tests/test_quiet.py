@@ -1,0 +1,146 @@
+"""The console is for people: libraries' warnings and the actors' output go to the run's logs/,
+a reward model started from a causal LM loads without transformers' load report, and the RM's
+progress shows no NaN before its first evaluation."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _tied_llama(folder: Path) -> Path:
+    """A tiny Llama whose LM head is its embedding (as SmolLM2's), saved as a causal LM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_reward_model_from_a_causal_lm_loads_without_a_load_report(
+    tmp_path: Path, small_task: Path, tied: bool
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from actors.models import load_reward_model
+
+    folder = _tied_llama(tmp_path / "lm") if tied else small_task / "base_model"
+    records = _Records()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(records)
+    try:
+        rm = load_reward_model(str(folder), dtype=torch.float32)
+    finally:
+        logger.removeHandler(records)
+    assert not [m for m in records.messages if "LOAD REPORT" in m]
+    lm = AutoModelForCausalLM.from_pretrained(folder)
+    body, expect = rm.model.state_dict(), lm.model.state_dict()
+    assert body.keys() == expect.keys()
+    assert all(torch.equal(body[k], expect[k]) for k in body)  # the body carries over
+    assert rm.score.weight.shape == (1, lm.config.hidden_size)  # a new one-output head
+    # saved, it is a sequence classifier, and it loads again as one (report and all)
+    rm.save_pretrained(tmp_path / "rm")
+    again = load_reward_model(str(tmp_path / "rm"), dtype=torch.float32)
+    assert type(again).__name__ == type(rm).__name__
+    assert torch.equal(again.score.weight, rm.score.weight)
+
+
+@pytest.mark.unit
+def test_the_rm_progress_shows_no_nan_before_the_first_evaluation() -> None:
+    from trainers.rm import _postfix
+
+    assert _postfix(0.6931, math.nan) == {"loss": "0.693"}
+    assert _postfix(0.5, 0.625) == {"loss": "0.500", "heldout_acc": "0.625"}
+
+
+@pytest.mark.unit
+def test_library_warnings_in_the_driver_go_to_the_run_log(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from trainers.tracking import LibraryLog
+
+    path = tmp_path / "logs" / "driver.log"
+    quiet = LibraryLog(path)
+    try:
+        warnings.warn("a library's FutureWarning", FutureWarning, stacklevel=1)
+        logging.getLogger("transformers.modeling_utils").warning("a load report")
+    finally:
+        quiet.close()
+    out, err = capfd.readouterr()
+    assert "FutureWarning" not in out + err and "load report" not in out + err
+    text = path.read_text()
+    assert "a library's FutureWarning" in text and "a load report" in text
+    # closed, the libraries print as before
+    records = _Records()
+    logging.getLogger("transformers").addHandler(records)
+    logging.getLogger("transformers.modeling_utils").warning("after")
+    logging.getLogger("transformers").removeHandler(records)
+    assert records.messages == ["after"]
+
+
+@ray.remote(num_cpus=0)
+class _Chatty:
+    def speak(self, n: int) -> int:
+        import sys
+
+        for i in range(n):
+            print(f"engine chatter {i}")
+            warnings.warn(f"library warning {i}", FutureWarning, stacklevel=1)
+            sys.stderr.flush()
+        sys.stdout.flush()
+        return n
+
+
+@pytest.mark.integration
+def test_what_actors_print_goes_to_the_run_log_not_the_console(
+    ray_cluster, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.runtime import WorkerLog
+
+    path = tmp_path / "logs" / "actors.log"
+    route = WorkerLog(path)
+    try:
+        actor = _Chatty.remote()
+        assert ray.get(actor.speak.remote(3)) == 3
+        deadline = time.time() + 30  # Ray forwards worker output in batches
+        while time.time() < deadline:
+            text = path.read_text()
+            if "engine chatter 2" in text and "library warning 2" in text:
+                break
+            time.sleep(0.5)
+        ray.kill(actor)
+    finally:
+        route.close()
+    text = path.read_text()
+    assert "engine chatter 2" in text and "library warning 2" in text
+    assert "_Chatty pid=" in text
+    out, err = capfd.readouterr()
+    assert "engine chatter" not in out + err and "library warning" not in out + err
