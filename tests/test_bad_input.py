@@ -25,6 +25,11 @@ pytestmark = pytest.mark.unit
 
 DEMO = {"prompt": "write a short review of the new phone .", "response": "the phone is good ."}
 COMPARISON = {"prompt": DEMO["prompt"], "responses": ["the phone is good .", "bad phone ."]}
+TRL_PREFERENCE = {  # Hugging Face TRL's conversational preference format
+    "prompt": [{"role": "system", "content": "be brief ."}, {"role": "user", "content": "a"}],
+    "chosen": [{"role": "assistant", "content": "the phone is good ."}],
+    "rejected": [{"role": "assistant", "content": "bad phone ."}],
+}
 LONG = " ".join(["phone"] * 200)
 
 
@@ -130,6 +135,10 @@ CASES = [
     ("comparison over the context",
      {"c.jsonl": _lines({"prompt": "a", "responses": ["x", LONG]})},
      ["rm.train_data={d}/c.jsonl"], None, ["c.jsonl:1", "data.max_seq_len"]),
+    ("TRL conversation with a tool turn",
+     {"c.jsonl": _lines(TRL_PREFERENCE, {**TRL_PREFERENCE, "prompt": [{"role": "tool",
+                                                                        "content": "a"}]})},
+     ["rm.train_data={d}/c.jsonl"], None, ["c.jsonl:2", "\"prompt\"[0] has role 'tool'"]),
     ("prompt missing", {"p.jsonl": _lines({"text": "a"})},
      ["ppo.prompts={d}/p.jsonl"], None, ["p.jsonl:1", 'missing field "prompt"']),
     ("prompt over the context", {"p.jsonl": _lines({"prompt": "a"}, {"prompt": LONG})},
