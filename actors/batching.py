@@ -67,3 +67,24 @@ def unpack_rows(values: torch.Tensor, batch: dict[str, Any]) -> list[list[float]
     """(B, A) per-token values -> each sample's list over its own response tokens."""
     lengths = batch["response_mask"].sum(dim=1).long().tolist()
     return [row[:n].tolist() for row, n in zip(values, lengths, strict=True)]
+
+
+def last_token_scores(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B,) a one-output sequence classifier (reward model, critic) read at each row's last real
+    token, found by the attention mask. transformers finds it by the pad id, which skips the end
+    token of every finished response when the tokenizer's pad is its end token (SmolLM2:
+    pad = eos = <|im_end|>): the RM would never see whether a response ended or was cut."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    body = getattr(module, module.base_model_prefix)
+    hidden = body(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+    logits = module.score(hidden)  # (B, T, 1), as transformers computes it
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (columns * attention_mask.to(columns.dtype)).argmax(dim=1)  # (B,)
+    return logits[torch.arange(input_ids.shape[0], device=input_ids.device), last, 0].float()

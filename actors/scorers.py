@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.batching import pack, sample_logprobs
+from actors.batching import last_token_scores, pack, sample_logprobs
 from actors.busy import BusyClock
 
 
@@ -63,12 +63,10 @@ class RewardModel(_Frozen):
         with torch.no_grad(), self.busy():
             offset = float(getattr(self.model.config, "reward_offset", 0.0))
             for b in self._batches(samples):
-                out = self.model(
-                    input_ids=b["input_ids"],
-                    attention_mask=b["attention_mask"],
-                    position_ids=b["position_ids"],
+                raw = last_token_scores(
+                    self.model, b["input_ids"], b["attention_mask"], b["position_ids"]
                 )
-                scores.extend((out.logits[:, 0].float() - offset).tolist())
+                scores.extend((raw - offset).tolist())
         return scores
 
 

@@ -11,7 +11,13 @@ from typing import Any
 
 import torch
 
-from actors.batching import pack, response_logprobs, sample_logprobs, unpack_rows
+from actors.batching import (
+    last_token_scores,
+    pack,
+    response_logprobs,
+    sample_logprobs,
+    unpack_rows,
+)
 from cluster.groups import split_evenly
 from trainers.data import collate_sft
 from trainers.losses import masked_sum, pairwise_accuracy, ranking_loss, sft_loss, token_logprobs
@@ -34,8 +40,7 @@ def sft_eval(model: Any, batch: dict[str, Any]) -> torch.Tensor:
 
 def _ranked_scores(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """(P, K): the reward of each prompt's ranked responses, from one forward pass of all rows."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    flat = out.logits[:, 0].float()  # (N,): the score at each row's last real token
+    flat = last_token_scores(model, batch["input_ids"], batch["attention_mask"])  # (N,)
     return flat[batch["index"]]  # (P, K)
 
 
@@ -54,8 +59,7 @@ def rm_eval(model: Any, batch: dict[str, Any]) -> torch.Tensor:
 
 def rm_score(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """(B,): the reward of each sequence."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits[:, 0].float()
+    return last_token_scores(model, batch["input_ids"], batch["attention_mask"])
 
 
 # -- PPO -----------------------------------------------------------------------------------------
