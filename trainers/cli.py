@@ -16,12 +16,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from trainers.common import ModelFolderError
     from trainers.config import ConfigError
     from trainers.data import DataError
+    from trainers.gguf_import import GGUFImportError
     from trainers.pipeline import StageConflict
     from trainers.ppo import CheckpointExists, NonFiniteError
 
     return (
         ConfigError,
         DataError,
+        GGUFImportError,
         ModelFolderError,
         PlacementError,
         StageConflict,
@@ -152,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = sub.add_parser("stop", help="stop a job")
     stop.add_argument("job", help="the job's submission id")
     _address(stop)
+    gguf = sub.add_parser(
+        "import-gguf",
+        help="make a GGUF checkpoint into a float32 safetensors model folder",
+        description="De-quantise a GGUF checkpoint (of an architecture transformers reads from "
+        "GGUF) to float32 and save it with its tokenizer as a Hugging Face model folder.",
+    )
+    gguf.add_argument("gguf_file", metavar="FILE.gguf", help="the GGUF checkpoint")
+    gguf.add_argument("out_dir", metavar="OUT_DIR", help="the model folder to make (new or empty)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
@@ -159,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainers.config import load_config
 
     try:
+        if args.command == "import-gguf":
+            from trainers.gguf_import import import_gguf
+
+            import_gguf(args.gguf_file, args.out_dir)
+            return 0
         if args.command == "config-reference":
             from trainers.reference import config_reference
 
