@@ -530,6 +530,10 @@ class LearnerGroup:
     def save(self, path: str | Path, config_updates: dict[str, Any] | None = None) -> None:
         self.group.call("save", str(path), config_updates)
 
+    def peak_memory_gb(self) -> float:
+        """The largest peak resident memory of the ranks (GB)."""
+        return max(m["rss_gb"] for m in self.group.call("peak_memory_gb"))
+
     def shutdown(self) -> None:
         self.group.shutdown()
 

@@ -67,6 +67,17 @@ def test_ppo_beats_the_sft_policy_by_the_hidden_labeler(demo_run) -> None:
     assert ppo["iterations"] == 60
     for key in ("seconds", "tokens_per_second", "heldout_demo_loss"):
         assert ppo[key] > 0
+    # what a run reports of itself: each role's peak memory, each stage's time, the phases
+    for role in ("rollout", "reward", "reference", "policy", "critic", "joiner"):
+        assert 0.1 < ppo[f"memory_gb/{role}"] < 24, role
+    for stage in ("sft", "rm"):
+        assert 0.1 < summary[stage]["memory_gb/learner"] < 24
+        assert summary[stage]["seconds"] > 0
+    phases = {k.split("/")[1]: v for k, v in ppo.items() if k.startswith("seconds_per_iteration/")}
+    for phase in ("generate", "train"):
+        assert 0 < phases[phase] < phases["iteration"]
+    # and what the actors printed went to the run's log, not to the console
+    assert "pid=" in (out / "logs" / "actors.log").read_text()
     # the final policy is a Hugging Face folder with its tokenizer, and the evaluation's
     # samples lie beside it
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -356,6 +356,23 @@ class Roles:
         }
         return {name: group.nodes() for name, group in groups.items()}
 
+    def peak_memory_gb(self) -> dict[str, float]:
+        """Each role's peak resident memory so far (GB; its largest rank)."""
+        peaks = {
+            name: max(m["rss_gb"] for m in group.call("peak_memory_gb"))
+            for name, group in (
+                ("rollout", self.engines),
+                ("reward", self.reward),
+                ("reference", self.reference),
+                ("joiner", self.joiner),
+            )
+        }
+        return {
+            **peaks,
+            "policy": self.policy.peak_memory_gb(),
+            "critic": self.critic.peak_memory_gb(),
+        }
+
     def _scorer(self, cls: type, name: str, config: RunConfig, path: str, log: Any) -> ActorGroup:
         """One frozen scorer actor, sized by the config section of the same name."""
         role = getattr(config, name)
@@ -759,6 +776,10 @@ def demo_loss(roles: Roles, inputs: PPOInputs, batch_size: int) -> float:
     return demonstration_loss(roles.policy, inputs.heldout_demos, roles.pad_id, batch_size)
 
 
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2] if xs else float("nan")
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / max(len(xs), 1)
 
@@ -787,6 +808,7 @@ def train(
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     skips = SkipGuard(cfg.max_skipped_steps)
     upcoming: Rollout | None = None
+    phases: dict[str, list[float]] = {}  # each iteration's seconds per phase, in this process
     if restart:
         import shutil
 
@@ -900,6 +922,8 @@ def train(
             restarted = 0
             tokens += figures["tokens"]
             generate_seconds += figures["time/generate"]
+            for key in ("iteration", "generate", "score_after_generate", "train", "weight_sync"):
+                phases.setdefault(key, []).append(figures[f"time/{key}"])
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
                 checkpoints.save(
                     it + 1,
@@ -944,6 +968,11 @@ def train(
         ppo_demo_loss = demo_loss(roles, inputs, cfg.minibatch_size)
         roles.policy.save(out / "policy")
         roles.critic.save(out / "critic")
+        memory = roles.peak_memory_gb()
+    log(
+        "ppo: peak resident memory per role (GB, the largest rank): "
+        + ", ".join(f"{role} {gb:.2f}" for role, gb in memory.items())
+    )
     seconds = time.perf_counter() - started
     _write_eval(out / "eval_samples.jsonl", inputs, before, after)
     ppo = {
@@ -954,6 +983,8 @@ def train(
         "kl_to_sft": _mean(after["kl"]),
         "heldout_demo_loss": ppo_demo_loss,
         "final_beta": kl.beta,
+        **{f"memory_gb/{role}": gb for role, gb in memory.items()},
+        **{f"seconds_per_iteration/{k}": _median(v) for k, v in phases.items()},
     }
     sft = {"rm_score": _mean(before["scores"]), "heldout_demo_loss": sft_demo_loss}
     if labeler is not None:

@@ -11,6 +11,7 @@ has no bias, so the shift lives in config.json; the reward actor applies it).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -139,6 +140,7 @@ def train(
     log: Any = print,
 ) -> dict[str, float]:
     cfg = config.rm
+    started = time.perf_counter()
     pad = inputs.tokenizer.pad_token_id
     steps_per_epoch = len(inputs.train) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
@@ -179,9 +181,11 @@ def train(
         bar.close()
         offset = demonstration_mean(group, inputs, cfg.batch_size)
         group.save(out, config_updates={"reward_offset": offset})
+        memory = group.peak_memory_gb()
     results.update(
         heldout_accuracy=acc, reward_offset=offset, train_loss=metrics["loss"], steps=float(total)
     )
+    results.update({"seconds": time.perf_counter() - started, "memory_gb/learner": memory})
     ceiling = results.get("labeler_ceiling")
     log(
         f"rm: held-out pairwise accuracy {acc:.4f}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -66,6 +67,7 @@ def train(
 ) -> dict[str, float]:
     """Train on the learner group and save `out` (a Hugging Face folder); returns the figures."""
     cfg = config.sft
+    started = time.perf_counter()
     pad = inputs.tokenizer.pad_token_id
     steps_per_epoch = len(inputs.train) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
@@ -99,10 +101,13 @@ def train(
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", heldout=f"{held:.3f}")
         bar.close()
         group.save(out)
+        memory = group.peak_memory_gb()
     log(f"sft: held-out loss {held:.4f} per token (untrained {untrained:.4f}); model in {out}")
     return {
         "heldout_loss": held,
         "untrained_loss": untrained,
         "train_loss": metrics["loss"],
         "steps": float(total),
+        "seconds": time.perf_counter() - started,
+        "memory_gb/learner": memory,
     }
