@@ -34,6 +34,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _ranking_needed() -> type[BaseException]:
+    from trainers.collect import RankingNeeded
+
+    return RankingNeeded
+
+
 def _address(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",
@@ -166,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        # what DeepSpeed would detect, said up front: it warns on the console at import when
+        # it has to guess the CPU (the actors choose their own: a GPU node's finds its GPU)
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
     from trainers.config import load_config
 
     try:
@@ -210,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--restart and --resume exclude each other")
         run_pipeline(config, restart=args.restart, resume=args.resume)
         return 0
+    except _ranking_needed() as e:  # labeler human: people rank the samples, then run again
+        print(f"instructray: {e}", file=sys.stderr)
+        return 3
     except _known_errors() as e:
         print(f"instructray: error: {e}", file=sys.stderr)
         return 2

@@ -15,9 +15,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-STAGES = ("sft", "rm", "ppo")
+STAGES = ("sft", "collect", "rm", "ppo")
+"""every stage, in recipe order"""
+DEFAULT_STAGES = ("sft", "rm", "ppo")
+"""the stages a config that names none runs: the RM trains on the task's own comparisons"""
+# collect.labeler: "module.sub:function"
+LABELER_FUNCTION = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
 class _Loader(yaml.SafeLoader):
@@ -233,6 +245,62 @@ class RMConfig(Section):
     """optimizer and schedule"""
 
 
+class CollectConfig(Section):
+    policy: str | None = None
+    """folder of the policy whose samples are ranked; null: this run's SFT model (as for
+    ppo.policy)"""
+    prompts: str | None = None
+    """prompts to sample for (JSONL or Parquet with "prompt"); null: the task's training
+    prompts"""
+    heldout_prompts: str | None = None
+    """prompts whose comparisons are collected the same way for the RM's held-out accuracy;
+    null: the task's held-out prompts"""
+    max_prompts: int | None = Field(default=None, ge=1)
+    """use the first this many prompts (null: all)"""
+    max_heldout_prompts: int | None = Field(default=None, ge=1)
+    """use the first this many held-out prompts (null: all)"""
+    samples_per_prompt: int = Field(default=4, ge=2, le=9)
+    """K: responses sampled per prompt and ranked together (InstructGPT: 4 to 9); exact
+    duplicates and empty responses are dropped, and a prompt left with fewer than 2 is skipped
+    (and counted)"""
+    max_new_tokens: int = Field(default=48, ge=1)
+    """longest response; the prompt and the response with its end token must fit in
+    data.max_seq_len, for the RM to read them"""
+    temperature: float = Field(default=1.0, gt=0)
+    """sampling temperature"""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """nucleus sampling"""
+    labeler: str = "task"
+    """who ranks the K responses: "task", the built-in task's hidden labeler through the
+    task's noise, calibrated to task.labeler_agreement; "module:function", a Python function
+    called as f(prompt: str, responses: list[str]) that returns a ranking (a list of ints, the
+    indices best first) or scores (a list of floats, higher better); "human": the stage writes
+    <run>/collect/to_rank.jsonl and stops the run until collect.ranked_file holds the
+    rankings"""
+    chunk_size: int = Field(default=16, ge=1)
+    """prompts per engine request (each prompt K times); finished chunks are kept, so a
+    stopped stage resumes after the last one"""
+    ranked_file: str | None = None
+    """labeler human: the JSONL of rankings, one line {"id": ..., "ranking": [response ids,
+    best first]} per line of to_rank.jsonl"""
+
+    @field_validator("labeler")
+    @classmethod
+    def _labeler_form(cls, value: str) -> str:
+        if value not in ("task", "human") and not LABELER_FUNCTION.match(value):
+            raise ValueError(
+                'must be "task", "human" or "module:function" (a Python function named by its '
+                "module's dotted path, e.g. mypackage.labels:rank)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _ranked(self) -> CollectConfig:
+        if self.ranked_file is not None and self.labeler != "human":
+            raise ValueError("collect.ranked_file is read only with collect.labeler human")
+        return self
+
+
 class RolloutConfig(Section):
     engines: int = Field(default=1, ge=1)
     """vLLM engines (Ray actors, spread over nodes); prompts are dealt to them in chunks"""
@@ -410,8 +478,11 @@ class RunConfig(Section):
     """run Python code shipped inside model folders (Hugging Face's trust_remote_code) in every
     role; off: only architectures that transformers and vLLM know, and nothing from the folder
     runs"""
-    stages: list[Literal["sft", "rm", "ppo"]] = Field(default_factory=lambda: list(STAGES))
-    """stages to run, in recipe order"""
+    stages: list[Literal["sft", "collect", "rm", "ppo"]] = Field(
+        default_factory=lambda: list(DEFAULT_STAGES)
+    )
+    """stages to run, in recipe order sft, collect, rm, ppo (collect: rank samples of the SFT
+    policy into the RM's comparisons, instead of the task's own)"""
     task: TaskConfig | None = Field(default_factory=TaskConfig)
     """the built-in task; null when every stage names its own model and data"""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -422,6 +493,10 @@ class RunConfig(Section):
     """the DeepSpeed learner group that trains SFT and the RM"""
     sft: SFTConfig = Field(default_factory=SFTConfig)
     """stage 1: supervised fine-tuning on demonstrations"""
+    collect: CollectConfig = Field(default_factory=CollectConfig)
+    """stage 2a (optional): sample K responses per prompt from the SFT policy and have a labeler
+    rank them, InstructGPT's comparisons; with it, rm.train_data and rm.heldout_data default to
+    its comparisons"""
     rm: RMConfig = Field(default_factory=RMConfig)
     """stage 2: reward model on ranked comparisons"""
     ppo: PPOConfig = Field(default_factory=PPOConfig)
@@ -468,10 +543,25 @@ class RunConfig(Section):
             ("reference.resources", self.reference.resources),
         ):
             _check_resources(field, resources)
+        if "collect" in self.stages:
+            room = self.data.max_seq_len - self.data.max_prompt_tokens
+            if self.collect.max_new_tokens >= room:
+                raise ValueError(
+                    f"collect.max_new_tokens ({self.collect.max_new_tokens}) must be < "
+                    f"data.max_seq_len - data.max_prompt_tokens ({room}), so that a prompt, a "
+                    "response and its end token fit the RM's sequences"
+                )
+            if self.collect.labeler == "task" and self.task is None:
+                raise ValueError(
+                    'collect.labeler "task" is the built-in task\'s labeler, but task is null; '
+                    'name a "module:function" labeler or "human"'
+                )
         if self.task is None:
             needs = {
                 "sft": ["model", "train_data", "heldout_data"],
-                "rm": ["train_data", "heldout_data"],
+                "collect": ["prompts", "heldout_prompts"],
+                # with collect in stages the RM reads its comparisons
+                "rm": [] if "collect" in self.stages else ["train_data", "heldout_data"],
                 "ppo": ["prompts", "heldout_prompts"],
             }
             for stage in self.stages:

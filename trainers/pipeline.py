@@ -19,9 +19,10 @@ import yaml
 
 from cluster import RayRuntime
 from cluster.runtime import gpu_count
-from trainers import ppo, rm, sft
+from trainers import collect, ppo, rm, sft
 from trainers.common import StageRecord, check_model_folder, fingerprint
 from trainers.config import ConfigError, LearnerConfig, RunConfig, to_dict
+from trainers.data import read
 from trainers.task import ensure_task, labeler_score
 from trainers.tracking import LibraryLog, Tracker
 
@@ -38,6 +39,10 @@ class Paths:
     sft_train: str
     sft_heldout: str
     sft_out: Path
+    collect_policy: str
+    collect_prompts: str
+    collect_heldout_prompts: str
+    collect_out: Path
     rm_model: str
     rm_train: str
     rm_heldout: str
@@ -81,6 +86,13 @@ def resolve_paths(config: RunConfig) -> Paths:
     sft_heldout = pick(config.sft.heldout_data, task / "sft_heldout.jsonl")
     rm_out = run / "rm" / "model"
     ppo_reward = pick(config.ppo.reward_model, rm_out)
+    collect_out = run / "collect"
+    # with the collect stage, the RM trains on its comparisons; else on the task's
+    comparisons = (
+        {s: collect_out / f"comparisons_{s}.jsonl" for s in ("train", "heldout")}
+        if "collect" in config.stages
+        else {"train": task / "rm_train.jsonl", "heldout": task / "rm_heldout.jsonl"}
+    )
     return Paths(
         run=run,
         task=task,
@@ -88,9 +100,15 @@ def resolve_paths(config: RunConfig) -> Paths:
         sft_train=sft_train,
         sft_heldout=sft_heldout,
         sft_out=sft_out,
+        collect_policy=pick(config.collect.policy, sft_out),
+        collect_prompts=pick(config.collect.prompts, task / "prompts_train.jsonl"),
+        collect_heldout_prompts=pick(
+            config.collect.heldout_prompts, task / "prompts_heldout.jsonl"
+        ),
+        collect_out=collect_out,
         rm_model=pick(config.rm.model, sft_out),
-        rm_train=pick(config.rm.train_data, task / "rm_train.jsonl"),
-        rm_heldout=pick(config.rm.heldout_data, task / "rm_heldout.jsonl"),
+        rm_train=pick(config.rm.train_data, comparisons["train"]),
+        rm_heldout=pick(config.rm.heldout_data, comparisons["heldout"]),
         rm_normalize=pick(config.rm.normalize_data, Path(sft_train)),
         rm_out=rm_out,
         ppo_policy=pick(config.ppo.policy, sft_out),
@@ -144,17 +162,20 @@ def _demand(config: RunConfig, stage: str) -> list[tuple[str, float, float]]:
             section.ranks * section.gpus_per_rank,
         )
 
+    r = config.rollout
+    engines = (
+        f"rollout.engines {r.engines} × {r.cpus_per_engine:g} CPUs",
+        r.engines * r.cpus_per_engine,
+        r.engines * r.gpus_per_engine,
+    )
+    if stage == "collect":
+        return [engines]
     if stage != "ppo":
         return [learners("learner", config.learner)]
-    r = config.rollout
     return [
         learners("learner", config.learner),
         learners("ppo.critic", config.ppo.critic),
-        (
-            f"rollout.engines {r.engines} × {r.cpus_per_engine:g} CPUs",
-            r.engines * r.cpus_per_engine,
-            r.engines * r.gpus_per_engine,
-        ),
+        engines,
         (f"reward.cpus {config.reward.cpus:g}", config.reward.cpus, config.reward.gpus),
         (f"reference.cpus {config.reference.cpus:g}", config.reference.cpus, config.reference.gpus),
     ]
@@ -244,15 +265,45 @@ def _run(
         inputs["sft"] = sft.prepare(
             config, paths.sft_model, paths.sft_train, paths.sft_heldout, sft_tok, log
         )
-    if "rm" in config.stages:
+    if "collect" in config.stages:
         tok = (
+            sft_tok
+            if config.collect.policy is None and sft_tok is not None
+            else check(paths.collect_policy, "collect.policy")
+        )
+        inputs["collect"] = collect.prepare(
+            config,
+            paths.collect_policy,
+            paths.collect_prompts,
+            paths.collect_heldout_prompts,
+            paths.collect_out,
+            tok,
+            log,
+        )
+    # The RM's comparisons come from this run's collect stage when it runs (they are read when
+    # the RM stage starts); otherwise from files that exist now.
+    rm_after_collect = "collect" in config.stages and (
+        config.rm.train_data is None or config.rm.heldout_data is None
+    )
+    rm_tok = None
+    if "rm" in config.stages:
+        rm_tok = (
             sft_tok
             if config.rm.model is None and sft_tok is not None
             else check(paths.rm_model, "rm.model", reward=True)
         )
-        inputs["rm"] = rm.prepare(
-            config, paths.rm_model, paths.rm_train, paths.rm_heldout, paths.rm_normalize, tok, log
-        )
+        if rm_after_collect:
+            read(paths.rm_normalize, "demonstrations", "rm.normalize_data")
+        else:
+            inputs["rm"] = rm.prepare(
+                config,
+                paths.rm_model,
+                paths.rm_train,
+                paths.rm_heldout,
+                paths.rm_normalize,
+                rm_tok,
+                log,
+            )
     if "ppo" in config.stages:
         tok = (
             sft_tok
@@ -302,8 +353,48 @@ def _run(
                     log,
                     lambda: sft.train(config, inputs["sft"], paths.sft_out, tracker, log),
                 )
+            if "collect" in config.stages:
+                check_produced(paths.collect_policy, "collect.policy")
+                ranked = config.collect.ranked_file
+                record = StageRecord(
+                    paths.collect_out,
+                    {
+                        "data": plain["data"],
+                        "seed": config.seed,
+                        "collect": plain["collect"],
+                        "rollout_dtype": config.rollout.dtype,
+                        "labeler_agreement": config.task.labeler_agreement
+                        if config.collect.labeler == "task" and config.task is not None
+                        else None,
+                        "inputs": fingerprint(
+                            paths.collect_policy,
+                            paths.collect_prompts,
+                            paths.collect_heldout_prompts,
+                            *([ranked] if ranked is not None else []),
+                        ),
+                    },
+                )
+                figures["collect"] = _stage(
+                    "collect",
+                    record,
+                    restart,
+                    log,
+                    lambda: collect.train(
+                        config, inputs["collect"], paths.collect_out, tracker, log, restart
+                    ),
+                )
             if "rm" in config.stages:
                 check_produced(paths.rm_model, "rm.model", reward=True)
+                if "rm" not in inputs:  # the comparisons that the collect stage just wrote
+                    inputs["rm"] = rm.prepare(
+                        config,
+                        paths.rm_model,
+                        paths.rm_train,
+                        paths.rm_heldout,
+                        paths.rm_normalize,
+                        rm_tok,
+                        log,
+                    )
                 record = StageRecord(
                     paths.rm_out.parent,
                     {

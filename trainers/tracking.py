@@ -95,7 +95,17 @@ class LibraryLog:
     progress bars) out of the console and in a file of the run folder; `close` undoes it. The
     console keeps the run's own lines and progress bars, and errors."""
 
-    LOGGERS = ("py.warnings", "transformers", "datasets", "DeepSpeed", "deepspeed", "vllm", "torch")
+    LOGGERS = (
+        "py.warnings",
+        "transformers",
+        "datasets",
+        "DeepSpeed",
+        "deepspeed",
+        "vllm",
+        "torch",
+        # a note at every local cluster's start on the token auth that RayRuntime turns on
+        "ray._private.authentication",
+    )
 
     def __init__(self, path: Path) -> None:
         import logging
