@@ -103,15 +103,19 @@ def test_rank_chunk_with_function_labelers_and_the_task_labeler() -> None:
 
 
 @pytest.mark.unit
-def test_a_conversational_prompt_becomes_trl_preference() -> None:
-    line = _line(0, ["good", "bad"])
+def test_a_conversational_prompt_keeps_its_turns_and_every_response(tmp_path: Path) -> None:
+    line = _line(0, ["good", "bad", "worst"])
     line["messages"] = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": line["prompt"]},
     ]
-    row = collect.comparison(line, [1, 0])
-    assert row["chosen"] == [{"role": "assistant", "content": "bad"}]
-    assert row["prompt"] == line["messages"]
+    row = collect.comparison(line, [1, 0, 2])
+    assert row == {"prompt": line["messages"], "responses": ["bad", "good", "worst"]}
+    # and the RM's reader takes it, turns and all K responses
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    [rec] = read(path, "comparisons")
+    assert rec["messages"] == line["messages"] and rec["responses"] == ["bad", "good", "worst"]
 
 
 @pytest.mark.unit

@@ -24,8 +24,8 @@ Files in `<run>/collect/`, per split (train, heldout):
     sampling.json                      the settings the samples were made with
     to_rank.jsonl                      labeler human: the responses to rank, shuffled
 
-A prompt with more turns than one user turn (a system prompt, a conversation) is written in TRL's
-conversational preference form, which holds two responses; such prompts need K = 2.
+A prompt with more turns than one user turn (a system prompt, a conversation) keeps its turns
+in the comparison: {"prompt": [messages], "responses": [...]}.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainers.common import engine_group
 from trainers.config import ConfigError, RunConfig
 from trainers.data import DataError, Limits, encode_prompts, read
 from trainers.tracking import Tracker, progress
@@ -146,16 +147,6 @@ def prepare(
             Prompt(i, e["where"], e["text"], turns[e["where"]], e["prompt_ids"])
             for i, e in enumerate(encoded)
         ]
-        if cfg.samples_per_prompt > 2:
-            for p in split_prompts[split]:
-                if p.conversational:
-                    raise DataError(
-                        f"{p.where}: a prompt with turns besides one user turn is written as "
-                        "TRL's conversational preference (the only comparison form whose prompt "
-                        "is a list of messages), which holds 2 responses; set "
-                        f"collect.samples_per_prompt=2 (it is {cfg.samples_per_prompt}) or use "
-                        "single-turn prompts"
-                    )
     if cfg.labeler == "human":
         labeler = None
     elif cfg.labeler == "task":
@@ -247,17 +238,10 @@ def rank_chunk(
 
 
 def comparison(line: dict[str, Any], ranking: list[int]) -> dict[str, Any]:
-    """The RM's comparison record of a sampled prompt, ranked: our format with a string prompt,
-    TRL's conversational preference where the prompt has other turns (K = 2)."""
+    """The RM's comparison record of a sampled prompt, ranked: {"prompt", "responses": best
+    first}, the prompt a string, or its turns where it has others than one user turn."""
     responses = [line["samples"][i] for i in ranking]
-    if "messages" in line:
-        best, worse = responses
-        return {
-            "prompt": line["messages"],
-            "chosen": [{"role": "assistant", "content": best}],
-            "rejected": [{"role": "assistant", "content": worse}],
-        }
-    return {"prompt": line["prompt"], "responses": responses}
+    return {"prompt": line.get("messages", line["prompt"]), "responses": responses}
 
 
 # -- human labelers ---------------------------------------------------------------------------
@@ -451,37 +435,7 @@ def _reseed(config: RunConfig, split: str, chunk: int) -> int:
 
 def _engines(config: RunConfig, policy: str, log: Any) -> Any:
     """`rollout.engines` vLLM engines on the policy, placed as the PPO stage places them."""
-    from actors.rollout import EngineConfig, RolloutEngine
-    from cluster import ActorGroup
-    from trainers.common import autoscaling_timeout
-
-    r = config.rollout
-    return ActorGroup(
-        RolloutEngine,
-        r.engines,
-        name="rollout",
-        num_cpus=r.cpus_per_engine,
-        num_gpus=r.gpus_per_engine,
-        memory_gb=r.memory_gb_per_engine,
-        resources=r.resources_per_engine,
-        strategy="SPREAD",
-        placement_timeout_s=config.learner.placement_timeout_s,
-        autoscaling_timeout_s=autoscaling_timeout(config.ray),
-        log=log,
-        call_timeout_s=config.learner.collective_timeout_s,
-        actor_kwargs={
-            "config": EngineConfig(
-                model=policy,
-                max_model_len=config.data.max_prompt_tokens + config.collect.max_new_tokens,
-                dtype=r.dtype,
-                seed=config.seed,
-                kv_cache_gb=r.kv_cache_gb,
-                gpu_memory_utilization=r.gpu_memory_utilization,
-                trust_remote_code=config.trust_remote_code,
-                enforce_eager=r.enforce_eager,
-            )
-        },
-    )
+    return engine_group(config, policy, config.collect.max_new_tokens, log)
 
 
 def _sample_lines(

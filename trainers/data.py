@@ -8,6 +8,7 @@ Our own formats:
 
     demonstrations   {"prompt": str, "response": str}
     comparisons      {"prompt": str, "responses": [str, ...]}   ranked best first, K >= 2, distinct
+                     {"prompt": [msgs], "responses": [str, ...]}  the same with a conversation
     prompts          {"prompt": str}
 
 Hugging Face TRL's dataset formats, where a message is {"role": "system" | "user" | "assistant",
@@ -296,6 +297,8 @@ def _conversational(record: dict[str, Any], kind: Kind, where: str) -> dict[str,
         _not_unpaired(record, where)
         return _record(prompt, where, response=_response_turn(record, "completion", where))
     if kind == "comparisons":
+        if "responses" in record:  # ours, with a conversation as its prompt
+            return _record(prompt, where, responses=_ranked(record, kind, where))
         if "chosen" not in record and "rejected" not in record:
             raise _no_format(where, kind, 'missing fields "chosen" and "rejected"')
         for field in ("chosen", "rejected"):
@@ -362,25 +365,28 @@ def validate(record: Any, kind: Kind, where: str) -> dict[str, Any]:
             best, worse = _text(record, "chosen", where), _text(record, "rejected", where)
             out["responses"] = _distinct(best, worse, where)
             return out
-        responses = record.get("responses")
-        if responses is None:
-            raise _no_format(where, kind, 'missing field "responses" (a list, ranked best first)')
-        if not isinstance(responses, list):
-            raise DataError(
-                f'{where}: field "responses" must be a list of strings, ranked best first'
-            )
-        if len(responses) < 2:
-            raise DataError(
-                f'{where}: "responses" needs at least 2 ranked responses, has {len(responses)}'
-            )
-        for i, r in enumerate(responses):
-            if not isinstance(r, str) or not r.strip():
-                raise DataError(f'{where}: "responses"[{i}] must be a non-empty string')
-            _unicode(r, f'"responses"[{i}]', where)
-        if len(set(responses)) != len(responses):
-            raise DataError(f'{where}: "responses" holds the same response twice')
-        out["responses"] = list(responses)
+        out["responses"] = _ranked(record, kind, where)
     return out
+
+
+def _ranked(record: dict[str, Any], kind: Kind, where: str) -> list[str]:
+    """Our comparison's "responses": K >= 2 distinct non-empty strings, best first."""
+    responses = record.get("responses")
+    if responses is None:
+        raise _no_format(where, kind, 'missing field "responses" (a list, ranked best first)')
+    if not isinstance(responses, list):
+        raise DataError(f'{where}: field "responses" must be a list of strings, ranked best first')
+    if len(responses) < 2:
+        raise DataError(
+            f'{where}: "responses" needs at least 2 ranked responses, has {len(responses)}'
+        )
+    for i, r in enumerate(responses):
+        if not isinstance(r, str) or not r.strip():
+            raise DataError(f'{where}: "responses"[{i}] must be a non-empty string')
+        _unicode(r, f'"responses"[{i}]', where)
+    if len(set(responses)) != len(responses):
+        raise DataError(f'{where}: "responses" holds the same response twice')
+    return list(responses)
 
 
 def read(path: str | Path, kind: Kind, field: str = "") -> Any:
