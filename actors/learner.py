@@ -59,6 +59,9 @@ class EngineSpec:
     seed: int = 0
     collective_timeout_s: float = 600.0
     micro_batch: int = 1
+    bucket_elements: int = 2**24
+    """ZeRO's gradient reduce and all-gather buckets (elements): DeepSpeed's default of 5e8
+    holds a 2 GB fp32 buffer on every rank, more than a 135M model's gradients"""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -171,7 +174,11 @@ class Learner(BusyClock):
         config = {
             "train_micro_batch_size_per_gpu": e.micro_batch,
             "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": self.zero_stage},
+            "zero_optimization": {
+                "stage": self.zero_stage,
+                "reduce_bucket_size": e.bucket_elements,
+                "allgather_bucket_size": e.bucket_elements,
+            },
             "zero_allow_untested_optimizer": True,
             "gradient_clipping": optim.grad_clip,
             "bf16": {"enabled": e.dtype == "bfloat16"},

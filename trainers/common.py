@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 from actors.learner import EngineSpec, LearnerGroup, OptimSpec
+from actors.rollout import EngineConfig, RolloutEngine
+from cluster import ActorGroup
 from cluster.groups import split_evenly
-from trainers.config import LearnerConfig, OptimConfig, RayConfig
+from trainers.config import LearnerConfig, OptimConfig, RayConfig, RunConfig
 from trainers.data import DataError, check_tokenizer
 
 
@@ -83,6 +85,7 @@ def learner_group(
         seed=seed,
         collective_timeout_s=learner.collective_timeout_s,
         micro_batch=batch_size // learner.ranks,
+        bucket_elements=int(learner.bucket_mb * 2**20) // (2 if learner.dtype == "bfloat16" else 4),
     )
     return LearnerGroup(
         name=name,
@@ -96,6 +99,40 @@ def learner_group(
         autoscaling_timeout_s=autoscaling_timeout(cluster),
         call_timeout_s=learner.collective_timeout_s,
         log=log,
+    )
+
+
+def engine_group(
+    config: RunConfig, model: str, max_new_tokens: int, log: Callable[[str], None] = print
+) -> ActorGroup:
+    """`rollout.engines` vLLM engines serving `model`, sized and placed by the rollout section
+    (SPREAD over nodes), with room for the longest prompt and `max_new_tokens`."""
+    r = config.rollout
+    return ActorGroup(
+        RolloutEngine,
+        r.engines,
+        name="rollout",
+        num_cpus=r.cpus_per_engine,
+        num_gpus=r.gpus_per_engine,
+        memory_gb=r.memory_gb_per_engine,
+        resources=r.resources_per_engine,
+        strategy="SPREAD",
+        placement_timeout_s=config.learner.placement_timeout_s,
+        autoscaling_timeout_s=autoscaling_timeout(config.ray),
+        log=log,
+        call_timeout_s=config.learner.collective_timeout_s,
+        actor_kwargs={
+            "config": EngineConfig(
+                model=model,
+                max_model_len=config.data.max_prompt_tokens + max_new_tokens,
+                dtype=r.dtype,
+                seed=config.seed,
+                kv_cache_gb=r.kv_cache_gb,
+                gpu_memory_utilization=r.gpu_memory_utilization,
+                trust_remote_code=config.trust_remote_code,
+                enforce_eager=r.enforce_eager,
+            )
+        },
     )
 
 

@@ -127,6 +127,9 @@ class LearnerConfig(Section):
     """how long to wait for the cluster to place the ranks before failing with what is missing"""
     collective_timeout_s: float = Field(default=600.0, gt=0)
     """deadline of a collective (a rank that hangs longer fails the step instead of hanging)"""
+    bucket_mb: float = Field(default=64.0, gt=0)
+    """ZeRO's gradient reduce and all-gather bucket size in MB (DeepSpeed's own default, 5e8
+    elements, keeps a 2 GB fp32 buffer on every rank whatever the model's size)"""
 
 
 class TinyModelConfig(Section):

@@ -58,6 +58,19 @@ class Paths:
     ppo_out: Path
 
 
+def prepare_rm(config: RunConfig, paths: Paths, tokenizer: Any, log: Any = print) -> rm.RMInputs:
+    """The RM stage's encoded comparisons and demonstrations, from the run's resolved paths."""
+    return rm.prepare(
+        config,
+        paths.rm_model,
+        paths.rm_train,
+        paths.rm_heldout,
+        paths.rm_normalize,
+        tokenizer,
+        log,
+    )
+
+
 def prepare_ppo(config: RunConfig, paths: Paths, tokenizer: Any, log: Any = print) -> ppo.PPOInputs:
     """The PPO stage's models and encoded data, from the run's resolved paths."""
     return ppo.prepare(
@@ -295,15 +308,7 @@ def _run(
         if rm_after_collect:
             read(paths.rm_normalize, "demonstrations", "rm.normalize_data")
         else:
-            inputs["rm"] = rm.prepare(
-                config,
-                paths.rm_model,
-                paths.rm_train,
-                paths.rm_heldout,
-                paths.rm_normalize,
-                rm_tok,
-                log,
-            )
+            inputs["rm"] = prepare_rm(config, paths, rm_tok, log)
     if "ppo" in config.stages:
         tok = (
             sft_tok
@@ -386,15 +391,7 @@ def _run(
             if "rm" in config.stages:
                 check_produced(paths.rm_model, "rm.model", reward=True)
                 if "rm" not in inputs:  # the comparisons that the collect stage just wrote
-                    inputs["rm"] = rm.prepare(
-                        config,
-                        paths.rm_model,
-                        paths.rm_train,
-                        paths.rm_heldout,
-                        paths.rm_normalize,
-                        rm_tok,
-                        log,
-                    )
+                    inputs["rm"] = prepare_rm(config, paths, rm_tok, log)
                 record = StageRecord(
                     paths.rm_out.parent,
                     {

@@ -32,11 +32,11 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.joiner import Joiner
 from actors.learner import LearnerGroup, ModelSpec
-from actors.rollout import EngineConfig, RolloutEngine, Sampling
+from actors.rollout import Sampling
 from actors.scorers import ReferencePolicy, RewardModel
 from cluster import ActorGroup, RemoteCallError
 from cluster.groups import format_resources
-from trainers.common import autoscaling_timeout, learner_group, optim_spec
+from trainers.common import autoscaling_timeout, engine_group, learner_group, optim_spec
 from trainers.config import PPOConfig, RunConfig
 from trainers.data import (
     Limits,
@@ -190,36 +190,8 @@ class Roles:
             raise
 
     def _start(self, config: RunConfig, inputs: PPOInputs, log: Any) -> None:
-        cfg, r = config.ppo, config.rollout
-        wait = autoscaling_timeout(config.ray)
-        max_len = config.data.max_prompt_tokens + cfg.max_new_tokens
         self.engines = self._add(
-            ActorGroup(
-                RolloutEngine,
-                r.engines,
-                name="rollout",
-                num_cpus=r.cpus_per_engine,
-                num_gpus=r.gpus_per_engine,
-                memory_gb=r.memory_gb_per_engine,
-                resources=r.resources_per_engine,
-                strategy="SPREAD",
-                placement_timeout_s=config.learner.placement_timeout_s,
-                autoscaling_timeout_s=wait,
-                log=log,
-                call_timeout_s=config.learner.collective_timeout_s,
-                actor_kwargs={
-                    "config": EngineConfig(
-                        model=inputs.policy,
-                        max_model_len=max_len,
-                        dtype=r.dtype,
-                        seed=config.seed,
-                        kv_cache_gb=r.kv_cache_gb,
-                        gpu_memory_utilization=r.gpu_memory_utilization,
-                        trust_remote_code=config.trust_remote_code,
-                        enforce_eager=r.enforce_eager,
-                    )
-                },
-            )
+            engine_group(config, inputs.policy, config.ppo.max_new_tokens, log)
         )
         # Joining a chunk's experience is a few tensor operations: the joiner reserves no CPU
         # (only the memory it holds), so it runs while the other actors hold every CPU.
@@ -238,7 +210,7 @@ class Roles:
         self.reference = self._scorer(ReferencePolicy, "reference", config, inputs.policy, log)
         self.config, self.inputs = config, inputs
         self.sync = weight_sync_method(config)
-        self.bucket_bytes = int(r.sync_bucket_mb * 2**20)
+        self.bucket_bytes = int(config.rollout.sync_bucket_mb * 2**20)
         self._sending: list[Any] = []  # the policy's refs of a broadcast sync under way
         self.policy: LearnerGroup
         self.critic: LearnerGroup
