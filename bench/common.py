@@ -102,13 +102,13 @@ def engine_group(
     )
 
 
-def standard_prompts(n: int = ROLLOUTS) -> list[list[int]]:
-    """The standard workload's prompts (`n` of them: the first 32 are always the same)."""
+def standard_prompts(n: int = ROLLOUTS, vocab: int = STANDARD["vocab_size"]) -> list[list[int]]:
+    """The standard workload's prompts (`n` of them: the first 32 are always the same), token
+    ids drawn from a vocabulary of `vocab` (a real model's, for its workload)."""
     import random
 
     rng = random.Random(SEED)
-    return [[rng.randrange(3, STANDARD["vocab_size"]) for _ in range(PROMPT_TOKENS)]
-            for _ in range(n)]  # fmt: skip
+    return [[rng.randrange(3, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(n)]
 
 
 def median(xs: list[float]) -> float:

@@ -1,9 +1,12 @@
 """Seconds per PPO iteration on the standard workload, synchronous and overlapped, with the time
 of each phase, the share of generation, each role's peak memory, and the floors the iteration is
 held to: the engine alone generating the batch (vLLM in this process) and the policy alone
-training on it (plain torch, one process), on the same machine in the same run.
+training on it (plain torch, one process), on the same machine in the same run. With --model,
+the same on another policy (its RM and critic: a new one-output head on a copy of it, random).
 
     .venv/bin/python -m bench.ppo_iteration [--iterations 6] [--warmup 2]
+    .venv/bin/python -m bench.ppo_iteration --model .cache/models/SmolLM2-135M-Instruct \
+        --rollouts 16 --new-tokens 32       # the real model's workload (make smollm2)
 
 Every role is the real actor of a run (bench/ppo_iteration.yaml): one vLLM engine, the RM, the
 reference policy, a one-rank critic and a one-rank DeepSpeed policy, driven by trainers.ppo's own
@@ -50,7 +53,9 @@ def reward_model(policy_dir: Path) -> Path:
     return save_model(folder, model, AutoTokenizer.from_pretrained(policy_dir))
 
 
-def train_alone(policy_dir: Path, prompts: list[list[int]], repeats: int) -> list[float]:
+def train_alone(
+    policy_dir: Path, prompts: list[list[int]], repeats: int, new_tokens: int = NEW_TOKENS
+) -> list[float]:
     """The training floor: one PPO epoch of the policy over the batch (minibatches of 8, our
     objective, AdamW), in this process with one torch thread, nothing else running."""
     import random
@@ -66,9 +71,9 @@ def train_alone(policy_dir: Path, prompts: list[list[int]], repeats: int) -> lis
     samples = [
         {
             "prompt_ids": p,
-            "response_ids": [rng.randrange(3, 512) for _ in range(NEW_TOKENS)],
-            "logprobs": [-6.2] * NEW_TOKENS,
-            "advantages": [rng.gauss(0, 1) for _ in range(NEW_TOKENS)],
+            "response_ids": [rng.randrange(3, 512) for _ in range(new_tokens)],
+            "logprobs": [-6.2] * new_tokens,
+            "advantages": [rng.gauss(0, 1) for _ in range(new_tokens)],
         }
         for p in prompts
     ]
@@ -154,7 +159,8 @@ def run_mode(
             "critic": roles.critic.group.call("peak_memory_gb"),
         }
     timed = rows[args.warmup :]
-    assert all(f["tokens"] == len(prompts) * NEW_TOKENS for f in timed), "not exactly 64 new tokens"
+    new_tokens = config.ppo.max_new_tokens
+    assert all(f["tokens"] == len(prompts) * new_tokens for f in timed), "not exact new tokens"
     phases = {
         "generate": median([f["time/rollout_busy"] for f in timed]),
         "generate_wall": median([f["time/generate"] for f in timed]),
@@ -183,20 +189,33 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
+    parser.add_argument("--model", help="the policy's folder (default: the standard model)")
+    parser.add_argument("--rollouts", type=int, default=ROLLOUTS, help="prompts per iteration")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="exact response length")
     args = parser.parse_args()
+    args.set = [
+        f"ppo.rollout_batch={args.rollouts}",
+        f"ppo.max_new_tokens={args.new_tokens}",
+        f"rollout.chunk_size={args.rollouts}",
+        *args.set,
+    ]
     import torch
 
     from bench.rollout import vllm_alone
     from cluster import RayRuntime
 
     torch.set_num_threads(1)  # the anchors were measured with one torch thread
-    policy_dir = standard_model()
+    from transformers import AutoConfig
+
+    policy_dir = Path(args.model) if args.model else standard_model()
     rm_dir = reward_model(policy_dir)
-    prompts = standard_prompts()
+    prompts = standard_prompts(args.rollouts, AutoConfig.from_pretrained(policy_dir).vocab_size)
     # the floors first, each alone on the machine; the engine's with the run's engine setting
     eager = bench_config(policy_dir, rm_dir, args).rollout.enforce_eager
-    gen_floor = median(vllm_alone(str(policy_dir), prompts, args.repeats, eager))
-    train_floor = median(train_alone(policy_dir, prompts, args.repeats))
+    gen_floor = median(
+        vllm_alone(str(policy_dir), prompts, args.repeats, eager, new_tokens=args.new_tokens)
+    )
+    train_floor = median(train_alone(policy_dir, prompts, args.repeats, args.new_tokens))
     results = {}
     with RayRuntime(None, num_cpus=os.cpu_count()):
         for name, overlap in (("sync", False), ("overlapped", True)):
@@ -217,15 +236,16 @@ def main() -> None:
     over_row = next(i for i, r in enumerate(rows) if r[0] == "overlapped: iteration")
     rows[over_row][2] = f"{over['seconds'] / floor_max:.2f}× larger floor"
     rows[over_row][3] = f"lag ≤ {over['max_weight_version_lag']:.0f} version"
-    print(table(f"PPO iteration: {ROLLOUTS} prompts × {len(prompts[0])} tokens → {NEW_TOKENS} new "
-                f"tokens, 1 epoch, minibatch {MINIBATCH}; median of {args.iterations} after "
-                f"{args.warmup} warm-up", ["", "seconds", "vs floor", ""], rows))  # fmt: skip
+    print(table(f"PPO iteration of {policy_dir.name}: {len(prompts)} prompts × {len(prompts[0])} "
+                f"tokens → {args.new_tokens} new tokens, 1 epoch, minibatch {MINIBATCH}; median "
+                f"of {args.iterations} after {args.warmup} warm-up",
+                ["", "seconds", "vs floor", ""], rows))  # fmt: skip
     mem = [[role, sync["peak_memory_gb"][role], over["peak_memory_gb"][role]]
            for role in sync["peak_memory_gb"]]  # fmt: skip
     print(table("peak resident memory per role (GB, the largest rank)",
                 ["role", "sync", "overlapped"], mem))  # fmt: skip
     path = write(
-        "ppo_iteration",
+        "ppo_iteration" if args.model is None else f"ppo_iteration_{policy_dir.name}",
         {
             "sync": {
                 **sync,

@@ -82,7 +82,11 @@ def engine_in_actor(
 
 
 def vllm_alone(
-    model_dir: str, prompts: list[list[int]], repeats: int, enforce_eager: bool = True
+    model_dir: str,
+    prompts: list[list[int]],
+    repeats: int,
+    enforce_eager: bool = True,
+    new_tokens: int = NEW_TOKENS,
 ) -> list[float]:
     """vLLM's LLM in this process (the floor under our engine). The engine is released at the
     end, so that the next one starts on a free machine."""
@@ -96,7 +100,7 @@ def vllm_alone(
     llm = LLM(
         model=model_dir, dtype="float32", enforce_eager=enforce_eager, max_model_len=128, seed=0
     )
-    params = SamplingParams(temperature=1.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, logprobs=0)
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
