@@ -10,6 +10,7 @@ import torch
 
 from actors.batching import last_token_scores, pack
 from actors.models import load_reward_model
+from tests.real_model import tiny_tied_llama
 from trainers.data import collate_comparisons
 from trainers.objectives import rm_eval, rm_score
 
@@ -20,22 +21,9 @@ EOS = 2  # also the pad id, as in SmolLM2
 
 @pytest.fixture(scope="module")
 def rm(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-        pad_token_id=EOS,
-        eos_token_id=EOS,
+    folder = tiny_tied_llama(
+        tmp_path_factory.mktemp("pad_is_eos"), pad_token_id=EOS, eos_token_id=EOS
     )
-    folder = tmp_path_factory.mktemp("pad_is_eos")
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
     torch.manual_seed(1)
     return load_reward_model(str(folder), dtype=torch.float32).eval()
 

@@ -14,6 +14,8 @@ import pytest
 import ray
 import torch
 
+from tests.real_model import tiny_tied_llama
+
 
 class _Records(logging.Handler):
     def __init__(self) -> None:
@@ -22,25 +24,6 @@ class _Records(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
-
-
-def _tied_llama(folder: Path) -> Path:
-    """A tiny Llama whose LM head is its embedding (as SmolLM2's), saved as a causal LM."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.unit
@@ -52,7 +35,7 @@ def test_a_reward_model_from_a_causal_lm_loads_without_a_load_report(
 
     from actors.models import load_reward_model
 
-    folder = _tied_llama(tmp_path / "lm") if tied else small_task / "base_model"
+    folder = tiny_tied_llama(tmp_path / "lm") if tied else small_task / "base_model"
     records = _Records()
     logger = logging.getLogger("transformers")
     logger.addHandler(records)
