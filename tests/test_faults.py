@@ -57,23 +57,32 @@ def test_killed_engine_reward_reference_and_joiner_actors_are_replaced_and_nothi
             "reference": roles.reference,
             "joiner": roles.joiner,
         }
-        for it, (role, group) in enumerate(kinds.items()):
+        it = 0
+        for role, group in kinds.items():
             victim = group.actors[0]
             delay = rng.uniform(0.0, 0.6)
             timer = threading.Timer(delay, lambda v=victim: ray.kill(v, no_restart=True))
             timer.start()
-            figures, experience, _ = iteration(config, roles, stream, kl, moments, it, it)
-            timer.join()
-            samples = [s for chunk in ray.get(experience) for s in chunk]
-            # every prompt of the iteration once: none lost, none counted twice
-            wanted = sorted(p["prompt_ids"] for p in twin.take(32))
-            assert sorted(s["prompt_ids"] for s in samples) == wanted, (role, delay)
-            assert {s["version"] for s in samples} == {it}  # the replacement has the weights
-            assert figures["faults/actors_replaced"] == 1, (role, delay, lines)
+            replaced = 0.0
+            # a kill that lands after the victim's last call of an iteration (the joiner's work
+            # can end within the delay) is found at its next call, in the next iteration
+            for _ in range(2):
+                figures, experience, _ = iteration(config, roles, stream, kl, moments, it, it)
+                timer.join()
+                samples = [s for chunk in ray.get(experience) for s in chunk]
+                # every prompt of the iteration once: none lost, none counted twice
+                wanted = sorted(p["prompt_ids"] for p in twin.take(32))
+                assert sorted(s["prompt_ids"] for s in samples) == wanted, (role, delay)
+                assert {s["version"] for s in samples} == {it}  # the replacement has the weights
+                replaced += figures["faults/actors_replaced"]
+                it += 1
+                if replaced:
+                    break
+            assert replaced == 1, (role, delay, lines)
             assert group.actors[0] is not victim and group.alive(0)
             assert any(f"{group.name} rank 0 died or hangs" in line for line in lines), lines
         # the replaced engine holds the policy's current weights
-        assert ray.get(roles.engines.actors[0].get_version.remote()) == 4
+        assert ray.get(roles.engines.actors[0].get_version.remote()) == it
 
 
 @pytest.mark.e2e
