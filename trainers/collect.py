@@ -53,6 +53,11 @@ SPLITS = ("train", "heldout")
 SEED_BASE = 2_000_000_011  # engines are reseeded at seed-derived values per chunk (see _reseed)
 
 
+def comparisons_files(out: Path) -> dict[str, Path]:
+    """{split: the ranked comparisons the stage writes into `out`} (what the RM reads)."""
+    return {s: out / f"comparisons_{s}.jsonl" for s in SPLITS}
+
+
 class RankingNeeded(RuntimeError):
     """labeler human: the samples wait for people to rank them (the message says how)."""
 
@@ -549,7 +554,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     partials = {s: out / f"comparisons_{s}.partial.jsonl" for s in SPLITS}
     kept = {s: out / f"samples_{s}.jsonl" for s in SPLITS}
-    finals = {s: out / f"comparisons_{s}.jsonl" for s in SPLITS}
+    finals = comparisons_files(out)
     manifest = out / "sampling.json"
     settings = sampling_settings(config, inputs)
     if restart:

@@ -102,7 +102,7 @@ def resolve_paths(config: RunConfig) -> Paths:
     collect_out = run / "collect"
     # with the collect stage, the RM trains on its comparisons; else on the task's
     comparisons = (
-        {s: collect_out / f"comparisons_{s}.jsonl" for s in ("train", "heldout")}
+        collect.comparisons_files(collect_out)
         if "collect" in config.stages
         else {"train": task / "rm_train.jsonl", "heldout": task / "rm_heldout.jsonl"}
     )
