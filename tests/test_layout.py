@@ -15,8 +15,8 @@ pytestmark = pytest.mark.unit
 
 def test_the_math_imports_no_ray_deepspeed_or_vllm() -> None:
     code = (
-        "import sys, trainers.losses, trainers.ppo_math, trainers.data, trainers.config,"
-        " trainers.task;"
+        "import sys, trainers.losses, trainers.ppo_math, trainers.advantages, trainers.data,"
+        " trainers.config, trainers.task;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'ray', 'deepspeed', 'vllm'});"
         "print(','.join(bad))"
     )

@@ -13,6 +13,7 @@ those positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,60 @@ def behavior_weights(
     return torch.exp(old_logp - behavior_logp).clamp(max=cap).detach()
 
 
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "token_sum_norm")
+"""How a per-token loss becomes one number (`aggregate`):
+
+token_mean           every token of the minibatch weighs the same (PPO, DAPO).
+seq_mean_token_mean  each sequence's token mean, averaged over sequences (GRPO as published: a
+                     long response's tokens weigh less).
+token_sum_norm       the token sum over sequences × a constant such as max_new_tokens (Dr. GRPO:
+                     no length bias in either direction).
+"""
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    *,
+    tokens: float,
+    sequences: float,
+    constant: float | None = None,
+) -> torch.Tensor:
+    """This rank's share of a minibatch's loss, from per-token terms (B, A) and mask (B, A).
+
+    The ranks' gradients are summed, so the divisors are the *global* counts of the minibatch:
+    `tokens` its real response tokens and `sequences` its samples, over all ranks; then the
+    ranks' results add up to what one rank would compute over the whole minibatch.
+
+      token_mean           Σ masked / tokens
+      seq_mean_token_mean  Σ_rows (row's Σ masked / row's token count) / sequences
+      token_sum_norm       Σ masked / (sequences · constant)      (constant required)
+
+    A row with no real tokens adds 0.
+    """
+    if mode == "token_mean":
+        _check_positive("tokens", tokens)
+        return masked_sum(per_token, mask) / tokens
+    if mode == "seq_mean_token_mean":
+        _check_positive("sequences", sequences)
+        row_sums = masked_sum(per_token, mask, dim=1)  # (B,)
+        row_counts = mask.sum(dim=1).clamp(min=1)  # (B,)
+        return (row_sums / row_counts).sum() / sequences
+    if mode == "token_sum_norm":
+        if constant is None:
+            raise ValueError("token_sum_norm aggregation needs `constant` (e.g. max_new_tokens)")
+        _check_positive("sequences", sequences)
+        _check_positive("constant", constant)
+        return masked_sum(per_token, mask) / (sequences * constant)
+    raise ValueError(f"unknown loss aggregation {mode!r} (one of {', '.join(AGGREGATIONS)})")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"loss aggregation: `{name}` must be > 0, got {value}")
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -99,23 +154,47 @@ def policy_loss(
     clip: float,
     normalizer: float | None = None,
     weights: torch.Tensor | None = None,
+    *,
+    clip_high: float | None = None,
+    aggregation: str = "token_mean",
+    sequences: float | None = None,
+    constant: float | None = None,
 ) -> tuple[torch.Tensor, PolicyLossMetrics]:
     """PPO's clipped surrogate, summed over tokens and divided by `normalizer` (default: the
     count of masked tokens here). All (B, A). `weights` (see `behavior_weights`) multiply each
     token's term.
 
+    clip_high: DAPO's asymmetric clip ("clip-higher"): the ratio is clamped to
+    [1 − clip, 1 + clip_high] (None: clip_high = clip, the symmetric PPO clip), so tokens with a
+    positive advantage can gain more probability before their gradient is cut.
+
+    aggregation: one of AGGREGATIONS (see `aggregate`); "token_mean" is the computation above.
+    For the others `normalizer` is the global token count, `sequences` the global sample count
+    (default: the rows here) and `constant` the divisor of token_sum_norm.
+
     approx_kl is k3 of the old policy against the new on the sampled tokens; clipfrac the share
     of tokens where the clipped term was the smaller one.
     """
+    high = clip if clip_high is None else clip_high
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
     if weights is not None:
         per_token = per_token * weights
-    denom = mask.sum().clamp(min=1) if normalizer is None else normalizer
-    loss = masked_sum(per_token, mask) / denom
+    if aggregation == "token_mean":
+        denom = mask.sum().clamp(min=1) if normalizer is None else normalizer
+        loss = masked_sum(per_token, mask) / denom
+    else:
+        loss = aggregate(
+            per_token,
+            mask,
+            aggregation,
+            tokens=float(mask.sum().clamp(min=1)) if normalizer is None else normalizer,
+            sequences=float(mask.shape[0]) if sequences is None else sequences,
+            constant=constant,
+        )
     with torch.no_grad():
         metrics = PolicyLossMetrics(
             clipfrac=float(masked_mean((clipped > unclipped).float(), mask)),
@@ -123,6 +202,36 @@ def policy_loss(
             ratio_mean=float(masked_mean(ratio, mask)),
         )
     return loss, metrics
+
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, PolicyLossMetrics]]] = {
+    "ppo": policy_loss,
+}
+"""Policy losses by name. Each takes (logp, old_logp, advantages, mask, clip, normalizer,
+weights, *, clip_high, aggregation, sequences, constant) as `policy_loss` does and returns
+(loss, PolicyLossMetrics). "ppo" covers PPO, GRPO, RLOO, REINFORCE++ and DAPO's clip-higher
+(the methods differ in their advantages, aggregation and clip, not in the surrogate)."""
+
+
+def kl_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    aggregation: str = "token_mean",
+    tokens: float,
+    sequences: float,
+    constant: float | None = None,
+) -> tuple[torch.Tensor, float]:
+    """KL(π ‖ π_ref) as a loss term (GRPO's, used with β = 0 in the rewards): the k3 estimate per
+    token, differentiable through `logp`, aggregated like the policy loss (see `aggregate`).
+
+    logp, ref_logp, mask: (B, A). Returns the loss (this rank's share) and the mean k3 over the
+    masked tokens here, for the metrics.
+    """
+    k3 = kl_estimate(logp, ref_logp, "k3")  # (B, A)
+    loss = aggregate(k3, mask, aggregation, tokens=tokens, sequences=sequences, constant=constant)
+    return loss, float(masked_mean(k3.detach(), mask))
 
 
 def value_loss(
