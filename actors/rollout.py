@@ -41,6 +41,8 @@ class Sampling:
     top_p: float = 1.0
     ignore_eos: bool = False
     """generate exactly max_new_tokens (benchmarks: the same work for every engine)"""
+    n: int = 1
+    """responses per prompt, sampled together (the prompt's prefill is shared)"""
 
 
 class RolloutEngine(BusyClock):
@@ -81,8 +83,9 @@ class RolloutEngine(BusyClock):
         seeds: list[int] | None = None,
         reseed: int | None = None,
     ) -> list[dict[str, Any]]:
-        """One response per prompt (token ids): [{prompt_ids, response_ids, logprobs,
-        finished, version, engine}], in the prompts' order (`engine` is this engine's rank).
+        """`sampling.n` responses per prompt (token ids): [{prompt_ids, response_ids, logprobs,
+        finished, version, engine}], in the prompts' order, a prompt's responses one after the
+        other (`engine` is this engine's rank).
 
         `seeds`, one per prompt, makes each response reproducible on its own (an evaluation
         samples two policies with the same seeds); without them the engine's own random stream
@@ -109,6 +112,7 @@ class RolloutEngine(BusyClock):
                 logprobs=0,  # the sampled token's own log-prob
                 ignore_eos=sampling.ignore_eos,
                 seed=None if seeds is None else seeds[i],
+                n=sampling.n,
             )
             for i in range(len(prompts))
         ]
@@ -118,21 +122,23 @@ class RolloutEngine(BusyClock):
             )
         samples = []
         for prompt, out in zip(prompts, outputs, strict=True):
-            completion = out.outputs[0]
-            ids = list(completion.token_ids)
-            logprobs = [
-                step[token].logprob for step, token in zip(completion.logprobs, ids, strict=True)
-            ]
-            samples.append(
-                {
-                    "prompt_ids": list(prompt),
-                    "response_ids": ids,
-                    "logprobs": logprobs,
-                    "finished": completion.finish_reason == "stop",
-                    "version": self.version,
-                    "engine": self.rank,
-                }
-            )
+            # vLLM may return a request's n completions in the order they ended
+            for completion in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(completion.token_ids)
+                logprobs = [
+                    step[token].logprob
+                    for step, token in zip(completion.logprobs, ids, strict=True)
+                ]
+                samples.append(
+                    {
+                        "prompt_ids": list(prompt),
+                        "response_ids": ids,
+                        "logprobs": logprobs,
+                        "finished": completion.finish_reason == "stop",
+                        "version": self.version,
+                        "engine": self.rank,
+                    }
+                )
         return samples
 
     def load_weights(self, state: dict[str, Any], version: int) -> int:

@@ -9,7 +9,7 @@ the same on another policy (its RM and critic: a new one-output head on a copy o
         --rollouts 16 --new-tokens 32       # the real model's workload (make smollm2)
 
 Every role is the real actor of a run (bench/ppo_iteration.yaml): one vLLM engine, the RM, the
-reference policy, a one-rank critic and a one-rank DeepSpeed policy, driven by trainers.ppo's own
+reference policy, a one-rank critic and a one-rank DeepSpeed policy, driven by trainers.rl's own
 `iteration`. Prints a table and writes bench/results/ppo_iteration.json."""
 
 from __future__ import annotations
@@ -118,17 +118,19 @@ def bench_config(policy_dir: Path, rm_dir: Path, args: Any, overlap: bool = Fals
 def run_mode(
     overlap: bool, policy_dir: Path, rm_dir: Path, prompts: list[list[int]], args: Any
 ) -> dict[str, Any]:
-    """Iterations of trainers.ppo on real actors; per-iteration wall time (the period between
+    """Iterations of trainers.rl on real actors; per-iteration wall time (the period between
     iterations, which is what overlapping shortens) and phase times."""
     from transformers import AutoTokenizer
 
-    from trainers.ppo import PPOInputs, PromptStream, Roles, iteration
-    from trainers.ppo_math import FixedKLController, RunningMoments
+    from trainers.rl import RLInputs
+    from trainers.rl.iteration import iteration
+    from trainers.rl.roles import Roles
+    from trainers.rl.state import DriverState
 
     config = bench_config(policy_dir, rm_dir, args, overlap)
     total = config.ppo.iterations
     encoded = [{"prompt_ids": p, "text": "", "where": f"prompt {i}"} for i, p in enumerate(prompts)]
-    inputs = PPOInputs(
+    inputs = RLInputs(
         policy=str(policy_dir),
         reward_model=str(rm_dir),
         critic_model=str(rm_dir),
@@ -138,15 +140,12 @@ def run_mode(
         ptx=[],
         heldout_demos=[],
     )
-    stream, kl, moments = PromptStream(encoded, SEED), FixedKLController(0.05), RunningMoments()
+    state = DriverState.start(config, encoded)
     periods, rows = [], []
     with Roles(config, inputs, log=lambda _: None) as roles:
-        upcoming = None
         last = time.perf_counter()
-        for it in range(total):
-            figures, _, upcoming = iteration(
-                config, roles, stream, kl, moments, it, it, rollout=upcoming
-            )
+        for _ in range(total):
+            figures, _ = iteration(config, roles, state)
             now = time.perf_counter()
             periods.append(now - last)
             rows.append(figures)

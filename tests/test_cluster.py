@@ -147,7 +147,7 @@ def test_a_role_that_cannot_be_placed_takes_down_the_roles_already_started(demo_
     from trainers.common import check_model_folder
     from trainers.config import load_config
     from trainers.pipeline import prepare_ppo, resolve_paths
-    from trainers.ppo import Roles
+    from trainers.rl.roles import Roles
 
     out, _ = demo_run
     config = load_config(
@@ -177,8 +177,9 @@ def test_two_engines_both_generate_and_the_learners_logprobs_match_theirs(demo_r
     from trainers.common import check_model_folder
     from trainers.config import load_config
     from trainers.pipeline import prepare_ppo, resolve_paths
-    from trainers.ppo import PromptStream, Roles, iteration
-    from trainers.ppo_math import FixedKLController, RunningMoments
+    from trainers.rl.iteration import iteration
+    from trainers.rl.roles import Roles
+    from trainers.rl.state import DriverState
 
     out, _ = demo_run
     engines = 2  # one engine is what every other PPO test runs
@@ -202,15 +203,7 @@ def test_two_engines_both_generate_and_the_learners_logprobs_match_theirs(demo_r
         assert len(roles.engines.actors) == engines
         placed = roles.placement()["rollout"]
         assert [r["rank"] for r in placed] == list(range(engines))
-        figures, experience, _ = iteration(
-            config,
-            roles,
-            PromptStream(inputs.prompts, 0),
-            FixedKLController(0.05),
-            RunningMoments(),
-            0,
-            0,
-        )
+        figures, experience = iteration(config, roles, DriverState.start(config, inputs.prompts))
         samples = [s for chunk in ray.get(experience) for s in chunk]
     assert len(samples) == 32
     # 4 chunks of 8 dealt in turn: each engine generated its share

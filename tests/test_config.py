@@ -92,7 +92,19 @@ def test_readme_config_reference_is_current() -> None:
 
 
 def test_ppo_batches_must_divide(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"ppo\.rollout_batch \(60\) must be a multiple"):
+    with pytest.raises(ConfigError, match=r"\(60 × 1\) must be a multiple of ppo\.minibatch"):
         load_config(_write(tmp_path, "ppo: {rollout_batch: 60, minibatch_size: 16}\n"))
+    many = "ppo: {rollout_batch: 6, n_samples_per_prompt: 4, minibatch_size: 16}\n"
+    with pytest.raises(ConfigError, match=r"\(6 × 4\) must be a multiple of ppo\.minibatch"):
+        load_config(_write(tmp_path, many))
+    load_config(_write(tmp_path, many.replace("6,", "8,")))  # 32 responses: 2 minibatches
+    for method in ("grpo", "rloo"):
+        with pytest.raises(ConfigError, match=f"ppo.advantage {method} .* needs "
+                           r"ppo\.n_samples_per_prompt >= 2"):  # fmt: skip
+            load_config(_write(tmp_path, f"ppo: {{advantage: {method}}}\n"))
+    # without a critic its ranks do not have to divide the minibatch
+    load_config(
+        _write(tmp_path, "ppo: {advantage: reinforce++, minibatch_size: 16, critic: {ranks: 3}}\n")
+    )
     with pytest.raises(ConfigError, match=r"ppo\.minibatch_size \(9\) must be a multiple"):
         load_config(_write(tmp_path, "ppo: {rollout_batch: 18, minibatch_size: 9}\n"))

@@ -38,8 +38,10 @@ def test_killed_engine_reward_reference_and_joiner_actors_are_replaced_and_nothi
 
     from trainers.common import check_model_folder
     from trainers.pipeline import prepare_ppo, resolve_paths
-    from trainers.ppo import PromptStream, Roles, iteration
-    from trainers.ppo_math import FixedKLController, RunningMoments
+    from trainers.rl.inputs import PromptStream
+    from trainers.rl.iteration import iteration
+    from trainers.rl.roles import Roles
+    from trainers.rl.state import DriverState
 
     demo, _ = demo_run
     shutil.copytree(demo / "task", tmp_path / "task")
@@ -48,8 +50,7 @@ def test_killed_engine_reward_reference_and_joiner_actors_are_replaced_and_nothi
     inputs = prepare_ppo(config, paths, check_model_folder(paths.ppo_policy, "p"), lambda _: None)
     lines: list[str] = []
     rng = random.Random()  # a random point of the iteration, different in every run
-    stream, twin = PromptStream(inputs.prompts, 0), PromptStream(inputs.prompts, 0)
-    kl, moments = FixedKLController(0.05), RunningMoments()
+    state, twin = DriverState.start(config, inputs.prompts), PromptStream(inputs.prompts, 0)
     with Roles(config, inputs, lines.append) as roles:
         kinds = {
             "rollout": roles.engines,
@@ -57,7 +58,6 @@ def test_killed_engine_reward_reference_and_joiner_actors_are_replaced_and_nothi
             "reference": roles.reference,
             "joiner": roles.joiner,
         }
-        it = 0
         for role, group in kinds.items():
             victim = group.actors[0]
             delay = rng.uniform(0.0, 0.6)
@@ -67,7 +67,8 @@ def test_killed_engine_reward_reference_and_joiner_actors_are_replaced_and_nothi
             # a kill that lands after the victim's last call of an iteration (the joiner's work
             # can end within the delay) is found at its next call, in the next iteration
             for _ in range(2):
-                figures, experience, _ = iteration(config, roles, stream, kl, moments, it, it)
+                it = state.iteration
+                figures, experience = iteration(config, roles, state)
                 timer.join()
                 samples = [s for chunk in ray.get(experience) for s in chunk]
                 # every prompt of the iteration once: none lost, none counted twice
@@ -75,14 +76,13 @@ def test_killed_engine_reward_reference_and_joiner_actors_are_replaced_and_nothi
                 assert sorted(s["prompt_ids"] for s in samples) == wanted, (role, delay)
                 assert {s["version"] for s in samples} == {it}  # the replacement has the weights
                 replaced += figures["faults/actors_replaced"]
-                it += 1
                 if replaced:
                     break
             assert replaced == 1, (role, delay, lines)
             assert group.actors[0] is not victim and group.alive(0)
             assert any(f"{group.name} rank 0 died or hangs" in line for line in lines), lines
         # the replaced engine holds the policy's current weights
-        assert ray.get(roles.engines.actors[0].get_version.remote()) == it
+        assert ray.get(roles.engines.actors[0].get_version.remote()) == state.iteration
 
 
 @pytest.mark.e2e
@@ -93,7 +93,7 @@ def test_a_reward_model_that_scores_nan_skips_updates_and_stops_the_run(
     from safetensors.torch import load_file, save_file
 
     from trainers.pipeline import run
-    from trainers.ppo import NonFiniteError
+    from trainers.rl import NonFiniteError
 
     demo, _ = demo_run
     broken = tmp_path / "nan_rm"

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from trainers.experience import make_experience, summarize
-from trainers.ppo import NonFiniteError, PromptStream, SkipGuard
 from trainers.ppo_math import gae, token_rewards
+from trainers.rl.inputs import PromptStream
+from trainers.rl.iteration import NonFiniteError, SkipGuard
 
 pytestmark = pytest.mark.unit
 
@@ -165,3 +166,114 @@ def test_the_skip_guard_stops_after_the_configured_updates_in_a_row() -> None:
     assert guard.total == {"policy": 4, "critic": 2}
     with pytest.raises(NonFiniteError, match=r"3 policy updates in a row .*max_skipped_steps=3"):
         guard.update("policy", [{"skipped": 1.0}])
+
+
+def _group_samples(lengths: list[int]) -> list[dict]:
+    return [
+        {
+            "prompt_ids": [1 + i // 2],
+            "response_ids": [5] * n,
+            "logprobs": [-1.0] * n,
+            "finished": True,
+            "version": 0,
+            "engine": 0,
+        }
+        for i, n in enumerate(lengths)
+    ]
+
+
+def test_grouped_experience_uses_the_group_baseline_and_counts_zero_signal_groups() -> None:
+    from trainers.advantages import estimate_advantages
+
+    samples = _group_samples([2, 3, 1, 2, 2, 1])  # three prompts × 2 responses, a group each
+    scores = [1.0, 0.0, 0.5, 0.5, float("nan"), 2.0]
+    ref = [[-1.0] * len(s["response_ids"]) for s in samples]
+    common = dict(beta=0.0, estimator="k1", gamma=1.0, lam=0.95, reward_clip=5.0)
+    chunk, stats = make_experience(
+        samples, scores, ref, advantage="rloo", group_size=2, value_parts=0, **common
+    )
+    # RLOO: each minus the other's score; a group with one finite member has no baseline
+    assert chunk[0]["advantages"] == pytest.approx([1.0, 1.0])
+    assert chunk[1]["advantages"] == pytest.approx([-1.0, -1.0, -1.0])
+    assert chunk[2]["advantages"] + chunk[3]["advantages"] == [0.0] * 3  # equal scores
+    assert all(math.isnan(a) for a in chunk[4]["advantages"] + chunk[5]["advantages"])
+    assert chunk[0]["values"] == [0.0, 0.0]  # no critic
+    assert stats["drop"] == []  # nothing dropped unless asked
+    figures = summarize([stats])
+    # group 2 scored alike; group 3's only finite member has no RLOO baseline: left out too
+    assert figures["group/zero_signal_share"] == pytest.approx(1 / 3)
+    assert figures["group/score_std"] == pytest.approx(0.5 / 3)
+    assert figures["nonfinite_samples"] == 2
+    # GRPO over the same batch equals the estimator on its finite samples
+    chunk, stats = make_experience(
+        samples,
+        scores,
+        ref,
+        advantage="grpo",
+        group_size=2,
+        value_parts=0,
+        drop_zero_signal=True,
+        drop_nonfinite=True,
+        **common,
+    )
+    keep = [0, 1, 2, 3, 5]
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 0, 0]])
+    adv, _ = estimate_advantages(
+        "grpo",
+        scores=torch.tensor([scores[i] for i in keep]),
+        kl=torch.zeros(5, 3),
+        mask=mask,
+        beta=0.0,
+        group=torch.tensor([0, 0, 1, 1, 2]),
+    )
+    for row, i in enumerate(keep):
+        n = len(samples[i]["response_ids"])
+        assert chunk[i]["advantages"] == pytest.approx(adv[row, :n].tolist(), abs=1e-6)
+    assert stats["drop"] == [2, 3, 4, 5]  # two zero-signal groups and the NaN sample
+
+
+def test_the_reward_is_the_weighted_sum_of_its_sources() -> None:
+    samples = _group_samples([1, 1])
+    common = dict(beta=0.0, estimator="k1", gamma=1.0, lam=0.95, reward_clip=None)
+    ref = [[-1.0], [-1.0]]
+    chunk, stats = make_experience(
+        samples,
+        [1.0, 2.0],
+        ref,
+        [10.0, float("nan")],  # a second source, e.g. a function that skipped sample 1
+        extra_scores=1,
+        score_weights=(0.5, 0.25),
+        value_parts=0,
+        advantage="reinforce++",
+        drop_nonfinite=True,
+        **common,
+    )
+    assert chunk[0]["score"] == pytest.approx(0.5 * 1.0 + 0.25 * 10.0)
+    assert math.isnan(chunk[1]["score"])
+    assert stats["drop"] == [1]
+    assert summarize([stats])["dropped_samples"] == 1
+
+
+def test_the_train_plan_leaves_out_dropped_samples_and_keeps_every_rank_busy() -> None:
+    from trainers.config import RunConfig
+    from trainers.rl.iteration import dropped_samples, train_plan
+
+    config = RunConfig.model_validate(
+        {
+            "name": "t",
+            "output_dir": "/tmp/t",
+            "ppo": {"rollout_batch": 4, "n_samples_per_prompt": 4, "minibatch_size": 8},
+            "learner": {"ranks": 2},
+        }
+    )
+    whole = train_plan(config, it=0, ptx_size=0)
+    assert [len(s["samples"]) for s in whole] == [8, 8]
+    assert sorted(i for s in whole for i in s["samples"]) == list(range(16))
+    stats = [{"drop": [0, 1, 2], "size": 8}, {"drop": [1, 2, 3, 4, 5, 6], "size": 8}]
+    dropped = dropped_samples(stats)
+    assert dropped == {0, 1, 2, 9, 10, 11, 12, 13, 14}
+    plan = train_plan(config, it=0, ptx_size=0, dropped=dropped)
+    kept = [i for s in plan for i in s["samples"]]
+    assert sorted(kept) == sorted(set(range(16)) - dropped)
+    # 7 samples left: a minibatch of 7 (the last one, of fewer than 2, joined the one before)
+    assert all(len(s["samples"]) >= 2 for s in plan)

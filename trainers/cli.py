@@ -18,7 +18,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from trainers.data import DataError
     from trainers.gguf_import import GGUFImportError
     from trainers.pipeline import StageConflict
-    from trainers.ppo import CheckpointExists, NonFiniteError
+    from trainers.rl import CheckpointExists, NonFiniteError
 
     return (
         ConfigError,

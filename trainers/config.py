@@ -351,6 +351,57 @@ class ScorerConfig(Section):
     """sequences per forward pass"""
 
 
+class RewardSource(Section):
+    kind: Literal["rm", "function", "http"] = "rm"
+    """rm: the reward model (ppo.reward_model); function: a Python function, run in its own
+    actor; http: a remote endpoint"""
+    target: str | None = None
+    """function: "module:function", called with the batch as lists (prompts, responses and
+    every other field of the prompt records, e.g. answer) and returning a number per response;
+    http: the endpoint's URL, sent the same lists as a JSON object by POST and answering a list
+    or {"rewards": [...]}; rm: null"""
+    weight: float = 1.0
+    """its weight in the reward, the sources' weighted sum"""
+    timeout_s: float = Field(default=30.0, gt=0)
+    """http: each request's timeout"""
+    retries: int = Field(default=3, ge=0)
+    """http: retries after a failed request (connection error, timeout or 5xx), with
+    exponential backoff"""
+    backoff_s: float = Field(default=0.5, ge=0)
+    """http: the wait before the first retry, doubled at each one"""
+
+    @model_validator(mode="after")
+    def _target(self) -> RewardSource:
+        t = self.target
+        if self.kind == "rm" and t is not None:
+            raise ValueError("a reward source of kind rm takes no target (see ppo.reward_model)")
+        if self.kind == "function" and (t is None or t.count(":") != 1 or t.startswith(":")):
+            raise ValueError(f'a function reward needs target "module:function", not {t!r}')
+        if self.kind == "http" and (t is None or not t.startswith(("http://", "https://"))):
+            raise ValueError(f"an http reward needs target http://... or https://..., not {t!r}")
+        return self
+
+
+class RewardConfig(ScorerConfig):
+    sources: list[RewardSource] = Field(default_factory=lambda: [RewardSource()], min_length=1)
+    """what the reward is: the weighted sum of these sources' scores (default: the reward model
+    alone); each function or endpoint gets its own actor, sized as this section says"""
+    on_error: Literal["raise", "skip"] = "raise"
+    """a function or endpoint that raises or returns a non-finite reward for a response: stop
+    with an error naming it and the response (raise), or leave that response out of training
+    and count it in ppo/dropped_samples (skip)"""
+
+    @model_validator(mode="after")
+    def _one_rm(self) -> RewardConfig:
+        if sum(s.kind == "rm" for s in self.sources) > 1:
+            raise ValueError("reward.sources holds the reward model twice")
+        return self
+
+    @property
+    def uses_rm(self) -> bool:
+        return any(s.kind == "rm" for s in self.sources)
+
+
 class KLConfig(Section):
     beta: float = Field(default=0.05, ge=0)
     """β: weight of the per-token KL penalty to the SFT policy (the initial β when adaptive)"""
@@ -362,6 +413,10 @@ class KLConfig(Section):
     """samples over which the adaptive controller closes a 20% error"""
     estimator: Literal["k1", "k2", "k3"] = "k1"
     """per-token KL estimator in the reward (k1: log π − log π_ref)"""
+    mode: Literal["reward", "loss"] = "reward"
+    """where the KL to the reference acts: reward (−β·KL on every token of the reward, as
+    InstructGPT's PPO) or loss (β · the k3 estimate of KL(π ‖ π_ref) added to the policy's
+    loss, as GRPO does; the reward is then the score alone)"""
 
 
 class PPOConfig(Section):
@@ -383,7 +438,18 @@ class PPOConfig(Section):
     iterations: int = Field(default=30, ge=1)
     """rollout-then-train iterations"""
     rollout_batch: int = Field(default=64, ge=1)
-    """prompts sampled per iteration (one response each)"""
+    """prompts sampled per iteration (ppo.n_samples_per_prompt responses each)"""
+    n_samples_per_prompt: int = Field(default=1, ge=1)
+    """responses sampled per prompt, generated together by one engine (a group: never split
+    across chunks or engines)"""
+    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = "gae"
+    """the advantage estimator: gae (PPO: GAE(γ, λ) with a learned critic, the only one that
+    starts a critic), grpo (the score minus its group's mean, divided by the group's std:
+    DeepSeekMath's GRPO), rloo (minus the mean of the other responses to its prompt: REINFORCE
+    leave-one-out), reinforce++ (the return, whitened over the batch); grpo and rloo need
+    ppo.n_samples_per_prompt ≥ 2"""
+    group_std: bool = True
+    """grpo: divide by the group's standard deviation (false: Dr. GRPO's unbiased variant)"""
     max_new_tokens: int = Field(default=48, ge=1)
     """longest response"""
     temperature: float = Field(default=1.0, gt=0)
@@ -396,9 +462,18 @@ class PPOConfig(Section):
     epochs: int = Field(default=1, ge=1)
     """PPO epochs over each iteration's experience"""
     minibatch_size: int = Field(default=16, ge=1)
-    """samples per optimizer step, over all ranks"""
+    """samples (responses) per optimizer step, over all ranks"""
     clip: float = Field(default=0.2, gt=0)
     """PPO's ratio clip ε"""
+    clip_high: float | None = Field(default=None, gt=0)
+    """the ratio's upper clip, 1 + clip_high (DAPO's clip-higher, e.g. 0.28); null: ppo.clip"""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "token_sum_norm"] = "token_mean"
+    """how the per-token losses of a minibatch add up: token_mean (the mean over its tokens),
+    seq_mean_token_mean (each response's token mean, then the mean over responses: GRPO's
+    paper) or token_sum_norm (the token sum over responses × max_new_tokens: Dr. GRPO)"""
+    drop_zero_signal_groups: bool = False
+    """leave out of training the groups whose responses all scored the same (they carry no
+    signal for a group baseline); counted in ppo/group/zero_signal_share either way"""
     value_clip: float | None = Field(default=0.2, gt=0)
     """clip of the value update around the old values; null: no clipping"""
     old_logprobs: Literal["engine", "learner"] = "engine"
@@ -417,8 +492,9 @@ class PPOConfig(Section):
     """λ of GAE"""
     kl: KLConfig = Field(default_factory=KLConfig)
     """the KL penalty to the SFT policy"""
-    whiten_advantages: bool = True
-    """normalise advantages over the iteration's tokens to mean 0 and std 1"""
+    whiten_advantages: bool | None = None
+    """normalise advantages over the iteration's tokens to mean 0 and std 1; null: the
+    estimator's usual choice (gae and reinforce++ yes, grpo and rloo no)"""
     reward_clip: float | None = Field(default=5.0, gt=0)
     """clip RM scores to ±this; null: no clipping"""
     normalize_reward: bool = False
@@ -458,6 +534,23 @@ class PPOConfig(Section):
     """checkpoints kept (the oldest are removed once a newer one is complete)"""
     sample_table_every: int = Field(default=5, ge=1)
     """log a W&B table of sample prompts and responses every this many iterations"""
+
+    @property
+    def samples(self) -> int:
+        """responses per iteration"""
+        return self.rollout_batch * self.n_samples_per_prompt
+
+    @property
+    def uses_critic(self) -> bool:
+        """only GAE learns a value function"""
+        return self.advantage == "gae"
+
+    @property
+    def whiten(self) -> bool:
+        """ppo.whiten_advantages, with null resolved for the estimator"""
+        if self.whiten_advantages is not None:
+            return self.whiten_advantages
+        return self.advantage in ("gae", "reinforce++")
 
 
 class WandbConfig(Section):
@@ -506,8 +599,8 @@ class RunConfig(Section):
     """stage 3: PPO (and PPO-ptx) against the reward model"""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     """the vLLM rollout engines"""
-    reward: ScorerConfig = Field(default_factory=ScorerConfig)
-    """the reward-model actor"""
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    """the reward: its sources, and the actor of each"""
     reference: ScorerConfig = Field(default_factory=ScorerConfig)
     """the reference (frozen SFT) policy actor"""
     wandb: WandbConfig = Field(default_factory=WandbConfig)
@@ -527,16 +620,30 @@ class RunConfig(Section):
                 )
         for name, batch, ranks in (
             ("ppo.minibatch_size", self.ppo.minibatch_size, self.learner.ranks),
-            ("ppo.minibatch_size", self.ppo.minibatch_size, self.ppo.critic.ranks),
+            ("ppo.minibatch_size", self.ppo.minibatch_size, self.ppo.critic.ranks)
+            if self.ppo.advantage == "gae"
+            else ("", 0, 1),
         ):
             if batch % ranks:
                 raise ValueError(f"{name} ({batch}) must be a multiple of the ranks ({ranks})")
-        if self.ppo.rollout_batch % self.ppo.minibatch_size:
+        ppo = self.ppo
+        if ppo.rollout_batch * ppo.n_samples_per_prompt % ppo.minibatch_size:
             raise ValueError(
-                f"ppo.rollout_batch ({self.ppo.rollout_batch}) must be a multiple of "
-                f"ppo.minibatch_size ({self.ppo.minibatch_size})"
+                f"ppo.rollout_batch × ppo.n_samples_per_prompt ({ppo.rollout_batch} × "
+                f"{ppo.n_samples_per_prompt}) must be a multiple of ppo.minibatch_size "
+                f"({ppo.minibatch_size})"
             )
-        if self.rollout.chunk_size < self.ppo.critic.ranks:
+        if ppo.advantage in ("grpo", "rloo") and ppo.n_samples_per_prompt < 2:
+            raise ValueError(
+                f"ppo.advantage {ppo.advantage} compares the responses to a prompt: it needs "
+                f"ppo.n_samples_per_prompt >= 2 (it is {ppo.n_samples_per_prompt})"
+            )
+        if ppo.advantage == "gae" and not self.reward.uses_rm and ppo.critic_model is None:
+            raise ValueError(
+                "ppo.critic_model must be set: the critic starts from the reward model by "
+                "default, and reward.sources holds none (or choose a critic-free ppo.advantage)"
+            )
+        if ppo.advantage == "gae" and self.rollout.chunk_size < ppo.critic.ranks:
             raise ValueError("rollout.chunk_size must be at least ppo.critic.ranks")
         for field, resources in (
             ("learner.resources_per_rank", self.learner.resources_per_rank),

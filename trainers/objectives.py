@@ -21,7 +21,13 @@ from actors.batching import (
 from cluster.groups import split_evenly
 from trainers.data import collate_sft
 from trainers.losses import masked_sum, pairwise_accuracy, ranking_loss, sft_loss, token_logprobs
-from trainers.ppo_math import behavior_weights, entropy_from_logits, policy_loss, value_loss
+from trainers.ppo_math import (
+    behavior_weights,
+    entropy_from_logits,
+    kl_loss,
+    policy_loss,
+    value_loss,
+)
 
 
 def sft_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -118,7 +124,8 @@ def _minibatch(data: list[Any], indices: list[int], rank: int, world: int, pad_i
     rows = [samples[i] for i in indices]
     mine = split_evenly(rows, world)[rank]
     batch = pack(mine, pad_id)
-    batch["tokens"] = float(sum(len(r["response_ids"]) for r in rows))  # the global count
+    batch["tokens"] = float(sum(len(r["response_ids"]) for r in rows))  # the global counts
+    batch["sequences"] = float(len(rows))
     return mine, batch
 
 
@@ -131,9 +138,10 @@ def policy_batch(
     pad_id: int,
     adv_mean: float,
     adv_std: float,
+    kl_loss: bool = False,
 ) -> dict[str, Any]:
     """data: the experience chunks, then the ptx demonstrations; step: {"samples": indices,
-    "ptx": indices}."""
+    "ptx": indices}. With `kl_loss` the batch carries the reference's log-probs."""
     *chunks, ptx_examples = data
     mine, batch = _minibatch(chunks, step["samples"], rank, world, pad_id)
     width = batch["response_mask"].shape[1]
@@ -143,6 +151,8 @@ def policy_batch(
     else:
         batch["old_logprobs"] = _padded(mine, "logprobs", width)
     batch["advantages"] = (_padded(mine, "advantages", width) - adv_mean) / adv_std
+    if kl_loss:
+        batch["ref_logprobs"] = _padded(mine, "ref_logprobs", width)
     if step["ptx"]:
         rows = [ptx_examples[i] for i in step["ptx"]]
         tokens = sum(sum(e["loss_mask"][1:]) for e in rows)
@@ -170,11 +180,16 @@ def ppo_objective(
     entropy_coef: float,
     ptx_coef: float,
     behavior_weight_cap: float = 5.0,
+    clip_high: float | None = None,
+    aggregation: str = "token_mean",
+    max_new_tokens: int | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (minus an entropy bonus), plus γ · the LM loss on demonstrations
-    (PPO-ptx) when the batch carries them. When it carries the engine's log-probs besides the
-    old ones (ppo.old_logprobs=learner), each token is weighted by their capped ratio. Loss and
-    metrics are this rank's shares."""
+    (PPO-ptx) when the batch carries them, plus `kl_coef` · the k3 KL to the reference when it
+    carries the reference's log-probs (the KL as a loss term). When it carries the engine's
+    log-probs besides the old ones (ppo.old_logprobs=learner), each token is weighted by their
+    capped ratio. Loss and metrics are this rank's shares."""
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -190,7 +205,17 @@ def ppo_objective(
             batch["old_logprobs"], batch["behavior_logprobs"], behavior_weight_cap
         )
     loss, m = policy_loss(
-        logp, batch["old_logprobs"], batch["advantages"], mask, clip, n, weights=weights
+        logp,
+        batch["old_logprobs"],
+        batch["advantages"],
+        mask,
+        clip,
+        n,
+        weights=weights,
+        clip_high=clip_high,
+        aggregation=aggregation,
+        sequences=batch["sequences"],
+        constant=max_new_tokens,
     )
     entropy = masked_sum(entropy_from_logits(logits[:, p - 1 : p - 1 + a]), mask) / n
     share = float(mask.sum()) / n
@@ -203,6 +228,19 @@ def ppo_objective(
     }
     if weights is not None:
         metrics["behavior_weight"] = float(masked_sum(weights, mask)) / n
+    if "ref_logprobs" in batch and kl_coef > 0:
+        kl, kl_mean = kl_loss(
+            logp,
+            batch["ref_logprobs"],
+            mask,
+            aggregation=aggregation,
+            tokens=n,
+            sequences=batch["sequences"],
+            constant=max_new_tokens,
+        )
+        total = total + kl_coef * kl
+        metrics["kl_loss"] = float(kl.detach())
+        metrics["kl_k3"] = kl_mean * share
     if "ptx_input_ids" in batch and ptx_coef > 0:
         ptx_logits = model(
             input_ids=batch["ptx_input_ids"], attention_mask=batch["ptx_attention_mask"]

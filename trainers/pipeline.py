@@ -19,7 +19,7 @@ import yaml
 
 from cluster import RayRuntime
 from cluster.runtime import gpu_count
-from trainers import collect, ppo, rm, sft
+from trainers import collect, rl, rm, sft
 from trainers.common import StageRecord, check_model_folder, fingerprint
 from trainers.config import ConfigError, LearnerConfig, RunConfig, to_dict
 from trainers.data import read
@@ -71,9 +71,9 @@ def prepare_rm(config: RunConfig, paths: Paths, tokenizer: Any, log: Any = print
     )
 
 
-def prepare_ppo(config: RunConfig, paths: Paths, tokenizer: Any, log: Any = print) -> ppo.PPOInputs:
+def prepare_ppo(config: RunConfig, paths: Paths, tokenizer: Any, log: Any = print) -> rl.RLInputs:
     """The PPO stage's models and encoded data, from the run's resolved paths."""
-    return ppo.prepare(
+    return rl.prepare(
         config,
         policy=paths.ppo_policy,
         reward_model=paths.ppo_reward,
@@ -185,9 +185,10 @@ def _demand(config: RunConfig, stage: str) -> list[tuple[str, float, float]]:
         return [engines]
     if stage != "ppo":
         return [learners("learner", config.learner)]
+    critic = [learners("ppo.critic", config.ppo.critic)] if config.ppo.uses_critic else []
     return [
         learners("learner", config.learner),
-        learners("ppo.critic", config.ppo.critic),
+        *critic,
         engines,
         (f"reward.cpus {config.reward.cpus:g}", config.reward.cpus, config.reward.gpus),
         (f"reference.cpus {config.reference.cpus:g}", config.reference.cpus, config.reference.gpus),
@@ -318,9 +319,11 @@ def _run(
         inputs["ppo"] = prepare_ppo(config, paths, tok, log)
         # folders that exist before the run are checked now, not when the stage starts
         for given, path, field in (
-            (config.ppo.reward_model, paths.ppo_reward, "ppo.reward_model"),
-            (config.ppo.critic_model, paths.ppo_critic, "ppo.critic_model"),
-        ):
+            (config.ppo.reward_model if config.reward.uses_rm else None, paths.ppo_reward,
+             "ppo.reward_model"),
+            (config.ppo.critic_model if config.ppo.uses_critic else None, paths.ppo_critic,
+             "ppo.critic_model"),
+        ):  # fmt: skip
             if given is not None:
                 check(path, field, reward=True)
 
@@ -411,8 +414,10 @@ def _run(
                 )
             if "ppo" in config.stages:
                 check_produced(paths.ppo_policy, "ppo.policy")
-                check_produced(paths.ppo_reward, "ppo.reward_model", reward=True)
-                check_produced(paths.ppo_critic, "ppo.critic_model", reward=True)
+                if config.reward.uses_rm:
+                    check_produced(paths.ppo_reward, "ppo.reward_model", reward=True)
+                if config.ppo.uses_critic:
+                    check_produced(paths.ppo_critic, "ppo.critic_model", reward=True)
                 record = StageRecord(
                     paths.ppo_out,
                     {
@@ -434,7 +439,7 @@ def _run(
                     record,
                     restart,
                     log,
-                    lambda: ppo.train(
+                    lambda: rl.train(
                         config,
                         inputs["ppo"],
                         paths.ppo_out,

@@ -1,0 +1,94 @@
+"""The RL stage's evaluation: the policy's responses to the held-out prompts judged by the RM, the
+KL to the reference and (on a built-in task) the hidden labeler; the alignment tax; the samples
+table and the file of both policies' responses side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from trainers.config import RunConfig
+from trainers.rl.inputs import RLInputs
+from trainers.rl.roles import Roles
+from trainers.rl.rollout import chunked, generate, prompt_record, sampling_of
+from trainers.sft import demonstration_loss
+
+
+def sample_policy(
+    roles: Roles, inputs: RLInputs, config: RunConfig, labeler: Any
+) -> dict[str, Any]:
+    """One response per held-out prompt from the engines' current weights, judged: the reward
+    (the RM's score, or its sources' weighted sum), the KL to the reference (nats per sequence)
+    and, on a built-in task, the hidden labeler."""
+    sampling = sampling_of(config.ppo, training=False)
+    # A prompt gets the same seed before and after training: its two responses differ only by
+    # the policy (common random numbers).
+    seed = config.seed * 1_000_003
+    prompt_ids = [p["prompt_ids"] for p in inputs.heldout_prompts]
+    refs = generate(roles, chunked(prompt_ids, config.rollout.chunk_size), sampling, seed)
+    order = sorted(refs, key=refs.__getitem__)
+    timeout = config.learner.collective_timeout_s
+    samples = [s for chunk in ray.get(order, timeout=timeout) for s in chunk]
+    samples_ref = ray.put(samples)
+    records = [prompt_record(p) for p in inputs.heldout_prompts]
+    parts = ray.get(roles.score(samples_ref, records), timeout=timeout)
+    weights, n = [w for _, w in roles.rewards], len(samples)
+    scores = (
+        parts[0]
+        if weights == [1.0]
+        else [sum(w * p[i] for w, p in zip(weights, parts, strict=True)) for i in range(n)]
+    )
+    reference = roles.reference.actors[0]
+    ref_lp = ray.get(reference.logprobs.remote(samples_ref, sampling.temperature), timeout=timeout)
+    tok = inputs.tokenizer
+    texts = [tok.decode(s["response_ids"], skip_special_tokens=True) for s in samples]
+    kls = [sum(s["logprobs"]) - sum(r) for s, r in zip(samples, ref_lp, strict=True)]
+    judged = (
+        [labeler(p["text"], t) for p, t in zip(inputs.heldout_prompts, texts, strict=True)]
+        if labeler
+        else []
+    )
+    return {"texts": texts, "scores": scores, "kl": kls, "labeler": judged}
+
+
+def demo_loss(roles: Roles, inputs: RLInputs, batch_size: int) -> float:
+    """The policy's NLL per token on held-out demonstrations (the alignment tax's measure)."""
+    return demonstration_loss(roles.policy, inputs.heldout_demos, roles.pad_id, batch_size)
+
+
+def write_eval(path: Path, inputs: RLInputs, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """The held-out prompts with the SFT and the PPO policy's responses side by side."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i, prompt in enumerate(inputs.heldout_prompts):
+            row = {"prompt": prompt["text"]}
+            for name, result in (("sft", before), ("ppo", after)):
+                row[f"{name}_response"] = result["texts"][i]
+                row[f"{name}_rm_score"] = result["scores"][i]
+                row[f"{name}_kl"] = result["kl"][i]
+                if result["labeler"]:
+                    row[f"{name}_labeler_score"] = result["labeler"][i]
+            f.write(json.dumps(row) + "\n")
+
+
+def sample_rows(samples: list[dict[str, Any]], inputs: RLInputs, labeler: Any) -> list[list[Any]]:
+    tok = inputs.tokenizer
+    rows = []
+    for s in samples:
+        prompt = tok.decode(s["prompt_ids"], skip_special_tokens=True)
+        response = tok.decode(s["response_ids"], skip_special_tokens=True)
+        judged = labeler(prompt, response) if labeler else None
+        rows.append(
+            [
+                prompt,
+                response,
+                s["score"],
+                sum(s["logprobs"]) - sum(s["ref_logprobs"]),
+                judged,
+                s["version"],
+            ]
+        )
+    return rows
