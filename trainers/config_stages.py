@@ -1,0 +1,98 @@
+"""The run config's sections of the SFT, collect and RM stages."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from trainers.config_base import LABELER_FUNCTION, OptimConfig, Section
+
+
+class SFTConfig(Section):
+    model: str | None = None
+    """folder of the pretrained causal LM (with its tokenizer); null: the built-in task's base"""
+    train_data: str | None = None
+    """demonstrations (JSONL or Parquet with "prompt" and "response"); null: the task's"""
+    heldout_data: str | None = None
+    """held-out demonstrations for the loss that the stage reports; null: the task's"""
+    epochs: int = Field(default=3, ge=1)
+    """passes over the demonstrations"""
+    batch_size: int = Field(default=32, ge=1)
+    """demonstrations per optimizer step, over all ranks (a multiple of learner.ranks)"""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """optimizer and schedule"""
+
+
+class RMConfig(Section):
+    model: str | None = None
+    """folder that the reward model starts from (a causal LM); null: this run's SFT model, as
+    InstructGPT initialised its RM from the SFT model"""
+    train_data: str | None = None
+    """comparisons (JSONL or Parquet with "prompt" and "responses" ranked best first, K >= 2);
+    null: the task's"""
+    heldout_data: str | None = None
+    """held-out comparisons for the pairwise accuracy; null: the task's"""
+    normalize_data: str | None = None
+    """demonstrations whose mean score becomes the RM's zero; null: the SFT stage's train data"""
+    epochs: int = Field(default=2, ge=1)
+    """passes over the comparisons"""
+    batch_size: int = Field(default=16, ge=1)
+    """prompts (each with all its K ranked responses) per step, over all ranks (a multiple of
+    learner.ranks)"""
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-4))
+    """optimizer and schedule"""
+
+
+class CollectConfig(Section):
+    policy: str | None = None
+    """folder of the policy whose samples are ranked; null: this run's SFT model (as for
+    ppo.policy)"""
+    prompts: str | None = None
+    """prompts to sample for (JSONL or Parquet with "prompt"); null: the task's training
+    prompts"""
+    heldout_prompts: str | None = None
+    """prompts whose comparisons are collected the same way for the RM's held-out accuracy;
+    null: the task's held-out prompts"""
+    max_prompts: int | None = Field(default=None, ge=1)
+    """use the first this many prompts (null: all)"""
+    max_heldout_prompts: int | None = Field(default=None, ge=1)
+    """use the first this many held-out prompts (null: all)"""
+    samples_per_prompt: int = Field(default=4, ge=2, le=9)
+    """K: responses sampled per prompt and ranked together (InstructGPT: 4 to 9); exact
+    duplicates and empty responses are dropped, and a prompt left with fewer than 2 is skipped
+    (and counted)"""
+    max_new_tokens: int = Field(default=48, ge=1)
+    """longest response; the prompt and the response with its end token must fit in
+    data.max_seq_len, for the RM to read them"""
+    temperature: float = Field(default=1.0, gt=0)
+    """sampling temperature"""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    """nucleus sampling"""
+    labeler: str = "task"
+    """who ranks the K responses: "task", the built-in task's hidden labeler through the
+    task's noise, calibrated to task.labeler_agreement; "module:function", a Python function
+    called as f(prompt: str, responses: list[str]) that returns a ranking (a list of ints, the
+    indices best first) or scores (a list of floats, higher better); "human": the stage writes
+    <run>/collect/to_rank.jsonl and stops the run until collect.ranked_file holds the
+    rankings"""
+    chunk_size: int = Field(default=16, ge=1)
+    """prompts per engine request (each prompt K times); finished chunks are kept, so a
+    stopped stage resumes after the last one"""
+    ranked_file: str | None = None
+    """labeler human: the JSONL of rankings, one line {"id": ..., "ranking": [response ids,
+    best first]} per line of to_rank.jsonl"""
+
+    @field_validator("labeler")
+    @classmethod
+    def _labeler_form(cls, value: str) -> str:
+        if value not in ("task", "human") and not LABELER_FUNCTION.match(value):
+            raise ValueError(
+                'must be "task", "human" or "module:function" (a Python function named by its '
+                "module's dotted path, e.g. mypackage.labels:rank)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _ranked(self) -> CollectConfig:
+        if self.ranked_file is not None and self.labeler != "human":
+            raise ValueError("collect.ranked_file is read only with collect.labeler human")
+        return self
