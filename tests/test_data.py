@@ -453,3 +453,24 @@ def test_any_trl_shaped_file_is_read_and_encoded_or_answered_with_a_data_error(
         "prompts": encode_prompts,
     }[kind]
     assert len(encode(data, tokenizer, Limits(10**6, 10**6))) == len(records)
+
+
+def test_a_prompt_lines_other_fields_reach_the_encoded_prompt(tmp_path: Path) -> None:
+    """A reward function is given the fields of a prompt's line (e.g. a reference answer)."""
+    from trainers.data import Limits, encode_prompts, read
+    from trainers.task import build_tokenizer
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(
+        '{"prompt": "what is two", "answer": "2", "meta": {"id": 7}}\n'
+        '{"prompt": [{"role": "user", "content": "what is one"}], "answer": "1"}\n'
+        '{"prompt": "no fields"}\n'
+    )
+    tok = build_tokenizer(["what is two one no fields"])
+    limits = Limits(max_prompt_tokens=32, max_seq_len=64, on_too_long="error")
+    encoded = encode_prompts(read(path, "prompts"), tok, limits, log=lambda _: None)
+    assert [p["fields"] for p in encoded] == [
+        {"answer": "2", "meta": {"id": 7}},
+        {"answer": "1"},
+        {},
+    ]

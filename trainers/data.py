@@ -62,7 +62,8 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def read(path: str | Path, kind: Kind, field: str = "") -> Any:
-    """A validated `datasets.Dataset` of `kind` records with a `where` column.
+    """A validated `datasets.Dataset` of `kind` records with a `where` column (and, for prompts,
+    a `fields` column: the line's other fields as JSON).
 
     `field` is the config field that named the file, for the message when it is missing.
     """
@@ -72,7 +73,13 @@ def read(path: str | Path, kind: Kind, field: str = "") -> Any:
     if not path.is_file():
         named = f" (named by {field})" if field else ""
         raise DataError(f"{path}: data file not found{named}")
-    records = [validate(rec, kind, where) for where, rec in _rows(path)]
+    records = []
+    for where, rec in _rows(path):
+        out = validate(rec, kind, where)
+        if kind == "prompts":  # the line's other fields go to reward functions (e.g. an answer)
+            extra = {k: v for k, v in rec.items() if k not in ("prompt", "messages")}
+            out["fields"] = json.dumps(extra, default=str)
+        records.append(out)
     if not records:
         raise DataError(f"{path}: holds no records")
     return datasets.Dataset.from_list(records)

@@ -8,6 +8,7 @@ right-padded tensors, and an epoch's batches come in an order fixed by the seed.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,15 +119,18 @@ def encode_demonstrations(
 def encode_prompts(
     dataset: Any, tokenizer: Any, limits: Limits, log: Any = print
 ) -> list[dict[str, Any]]:
-    """[{"prompt_ids", "text", "where"}]: the prompt's turns plus the assistant header; "text" is
-    the readable prompt (its last user turn)."""
+    """[{"prompt_ids", "text", "where", "fields"}]: the prompt's turns plus the assistant header;
+    "text" is the readable prompt (its last user turn), "fields" the line's other fields."""
     out, too_long = [], []
     for rec in dataset:
         ids = encode_prompt(tokenizer, _prompt_of(rec))
         if len(ids) > limits.max_prompt_tokens:
             too_long.append(f"{rec['where']}: prompt has {len(ids)} tokens")
             continue
-        out.append({"prompt_ids": ids, "text": rec["prompt"], "where": rec["where"]})
+        fields = json.loads(rec["fields"]) if rec.get("fields") else {}
+        out.append(
+            {"prompt_ids": ids, "text": rec["prompt"], "where": rec["where"], "fields": fields}
+        )
     _enforce(too_long, len(dataset), limits, "prompts", log)
     return out
 
