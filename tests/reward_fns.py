@@ -44,3 +44,18 @@ def one_too_many(prompts: list[Any], responses: list[str], **fields: Any) -> lis
 
 
 NOT_CALLABLE = 3
+
+
+# -- for the RL stage's tests on the built-in review task ------------------------------------
+
+
+def nan_if_terrible(prompts: list[Any], responses: list[str], **fields: Any) -> list[float]:
+    """0.5 a response, NaN for one that says "terrible" (a sample the function cannot score)."""
+    return [float("nan") if "terrible" in r.split() else 0.5 for r in responses]
+
+
+def raise_if_terrible(prompts: list[Any], responses: list[str], **fields: Any) -> list[float]:
+    for r in responses:
+        if "terrible" in r.split():
+            raise ValueError(f"cannot score {r!r}")
+    return [0.0] * len(responses)

@@ -196,6 +196,19 @@ class RunConfig(Section):
                     'collect.labeler "task" is the built-in task\'s labeler, but task is null; '
                     'name a "module:function" labeler or "human"'
                 )
+        if self.task is not None and self.task.kind == "arithmetic":
+            if "collect" in self.stages and self.collect.labeler == "task":
+                raise ValueError(
+                    'collect.labeler "task" ranks reviews; the arithmetic task has no ranking '
+                    '(name a "module:function" labeler)'
+                )
+            if "rm" in self.stages and "collect" not in self.stages and self.rm.train_data is None:
+                raise ValueError(
+                    "the arithmetic task has no comparisons for the rm stage: its reward is "
+                    "exact match (reward.sources: [{kind: function, target: "
+                    "'trainers.arithmetic:exact_match'}]); leave rm out of the stages or set "
+                    "rm.train_data"
+                )
         if self.task is None:
             needs = {
                 "sft": ["model", "train_data", "heldout_data"],

@@ -122,6 +122,10 @@ class TinyModelConfig(Section):
 
 
 class TaskConfig(Section):
+    kind: Literal["reviews", "arithmetic"] = "reviews"
+    """reviews: "write a short review of ...", judged by a hidden labeler through noisy
+    rankings (InstructGPT's setting); arithmetic: sums with an exact answer, worked step by step
+    (verifiable: the reward is exact match, `trainers.arithmetic:exact_match`)"""
     seed: int = 0
     """seed of everything the task generates (same seed, same files)"""
     train_prompts: int = Field(default=2000, ge=8)

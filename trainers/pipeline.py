@@ -23,7 +23,7 @@ from trainers import collect, rl, rm, sft
 from trainers.common import StageRecord, check_model_folder, fingerprint
 from trainers.config import ConfigError, LearnerConfig, RunConfig, to_dict
 from trainers.data import read
-from trainers.task import ensure_task, labeler_score
+from trainers.task import ensure_task, task_labeler
 from trainers.tracking import LibraryLog, Tracker
 
 
@@ -254,7 +254,7 @@ def _run(
     labeler = None
     if config.task is not None:
         ensure_task(config.task, paths.task, log)
-        labeler = labeler_score
+        labeler = task_labeler(config.task)
 
     # -- check every input before Ray starts --------------------------------------------------
     checked: set[Path] = set()
@@ -425,8 +425,8 @@ def _run(
                         **{k: plain[k] for k in ("ppo", "rollout", "reward", "reference")},
                         "inputs": fingerprint(
                             paths.ppo_policy,
-                            paths.ppo_reward,
-                            paths.ppo_critic,
+                            *([paths.ppo_reward] if config.reward.uses_rm else []),
+                            *([paths.ppo_critic] if config.ppo.uses_critic else []),
                             paths.ppo_prompts,
                             paths.ppo_heldout_prompts,
                             paths.ppo_ptx,

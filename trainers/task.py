@@ -326,8 +326,21 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def task_manifest(cfg: Any) -> dict[str, Any]:
-    """What the task folder was built from (cfg: TaskConfig)."""
-    return {"format": 1, "settings": cfg.model_dump(mode="json")}
+    """What the task folder was built from (cfg: TaskConfig; the review task's settings are
+    written without the kind, as before there were two)."""
+    settings = cfg.model_dump(mode="json")
+    if settings.get("kind") == "reviews":
+        del settings["kind"]
+    return {"format": 1, "settings": settings}
+
+
+def task_labeler(cfg: Any) -> Any:
+    """The task's hidden labeler, (prompt, response) -> score (cfg: TaskConfig)."""
+    if cfg.kind == "arithmetic":
+        from trainers.arithmetic import arithmetic_labeler
+
+        return arithmetic_labeler
+    return labeler_score
 
 
 def build_task(cfg: Any, folder: Path) -> dict[str, Any]:
@@ -411,5 +424,9 @@ def ensure_task(cfg: Any, folder: Path, log: Any = print) -> dict[str, Any]:
             f"{folder} holds a task built with other settings than the config's `task` section; "
             "remove the folder or choose another output_dir"
         )
-    log(f"task: building the built-in task into {folder}")
+    log(f"task: building the built-in {cfg.kind} task into {folder}")
+    if cfg.kind == "arithmetic":
+        from trainers.arithmetic import build_arithmetic_task
+
+        return build_arithmetic_task(cfg, folder)
     return build_task(cfg, folder)

@@ -5,6 +5,7 @@ trained policy, save it, and return the stage's figures."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -208,6 +209,11 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / max(len(xs), 1)
 
 
+def _finite_mean(xs: list[float]) -> float:
+    """The mean of the finite values (a reward function may skip a response: NaN)."""
+    return _mean([x for x in xs if math.isfinite(x)])
+
+
 def stage_figures(
     config: RunConfig,
     state: DriverState,
@@ -225,14 +231,14 @@ def stage_figures(
         "iterations": float(config.ppo.iterations),
         "seconds": seconds,
         "tokens_per_second": state.tokens / max(state.generate_seconds, 1e-9),
-        "rm_score": _mean(after["scores"]),
+        "rm_score": _finite_mean(after["scores"]),
         "kl_to_sft": _mean(after["kl"]),
         "heldout_demo_loss": ppo_demo_loss,
         "final_beta": state.kl.beta,
         **{f"memory_gb/{role}": gb for role, gb in memory.items()},
         **{f"seconds_per_iteration/{k}": _median(v) for k, v in phases.items()},
     }
-    sft = {"rm_score": _mean(before["scores"]), "heldout_demo_loss": state.sft_demo_loss}
+    sft = {"rm_score": _finite_mean(before["scores"]), "heldout_demo_loss": state.sft_demo_loss}
     if after["labeler"]:
         wins = [
             1.0 if a > b else 0.5 if a == b else 0.0
