@@ -80,6 +80,7 @@ bench: $(STAMP)
 	$(PY) -m bench.rollout
 	$(PY) -m bench.weight_sync
 	$(PY) -m bench.ppo_iteration
+	$(PY) -m bench.grpo_iteration
 	$(PY) -m bench.scaling
 
 clean:

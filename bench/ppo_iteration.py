@@ -154,18 +154,22 @@ def run_mode(
             "rollout": roles.engines.call("peak_memory_gb"),
             "reward": roles.reward.call("peak_memory_gb"),
             "reference": roles.reference.call("peak_memory_gb"),
-            "policy": roles.policy.group.call("peak_memory_gb"),
-            "critic": roles.critic.group.call("peak_memory_gb"),
+            **{name: g.group.call("peak_memory_gb") for name, g in roles.learners().items()},
         }
     timed = rows[args.warmup :]
     new_tokens = config.ppo.max_new_tokens
-    assert all(f["tokens"] == len(prompts) * new_tokens for f in timed), "not exact new tokens"
+    samples = config.ppo.samples
+    assert all(f["tokens"] == samples * new_tokens for f in timed), "not exact new tokens"
     phases = {
         "generate": median([f["time/rollout_busy"] for f in timed]),
         "generate_wall": median([f["time/generate"] for f in timed]),
         "reward": median([f["time/reward_busy"] for f in timed]),
         "reference": median([f["time/reference_busy"] for f in timed]),
-        "critic_forward": median([f["time/critic_forward_busy"] for f in timed]),
+        **(
+            {"critic_forward": median([f["time/critic_forward_busy"] for f in timed])}
+            if config.ppo.uses_critic
+            else {}
+        ),
         "train": median([f["time/train"] for f in timed]),
         "weight_sync": median([f["time/weight_sync"] for f in timed]),
     }

@@ -1,0 +1,96 @@
+"""Seconds per GRPO iteration on the standard workload: 32 rollouts = 8 prompts × 4 samples,
+32-token prompts, exactly 64 new tokens, one epoch, minibatch 8, fp32; against the floors the
+iteration is held to, measured on the same machine in the same run: the engine alone generating
+the 32 responses (vLLM in this process) and the policy alone training on them (plain torch, one
+process).
+
+    .venv/bin/python -m bench.grpo_iteration [--iterations 6] [--warmup 2]
+
+The roles are the real actors of a run (bench/ppo_iteration.yaml with ppo.advantage grpo): one
+vLLM engine sampling the 4 responses of a prompt together, the RM, the reference and a one-rank
+DeepSpeed policy; no critic. Prints a table and writes bench/results/grpo_iteration.json
+({"seconds", "floor_sum_seconds", ...}: seconds per iteration, median)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    NEW_TOKENS,
+    ROLLOUTS,
+    median,
+    standard_model,
+    standard_prompts,
+    table,
+    write,
+)
+from bench.ppo_iteration import MINIBATCH, bench_config, reward_model, run_mode, train_alone
+
+GROUP = 4  # samples per prompt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=6, help="timed iterations")
+    parser.add_argument("--warmup", type=int, default=2, help="iterations before timing")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each floor")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    args = parser.parse_args()
+    n_prompts = ROLLOUTS // GROUP
+    args.set = [
+        "ppo.advantage=grpo",
+        f"ppo.rollout_batch={n_prompts}",
+        f"ppo.n_samples_per_prompt={GROUP}",
+        f"ppo.max_new_tokens={NEW_TOKENS}",
+        f"rollout.chunk_size={n_prompts}",
+        *args.set,
+    ]
+    import torch
+
+    from bench.rollout import vllm_alone
+    from cluster import RayRuntime
+
+    torch.set_num_threads(1)  # the anchors were measured with one torch thread
+    from transformers import AutoConfig
+
+    policy_dir = standard_model()
+    rm_dir = reward_model(policy_dir)
+    prompts = standard_prompts(n_prompts, AutoConfig.from_pretrained(policy_dir).vocab_size)
+    responses = [p for p in prompts for _ in range(GROUP)]  # the floors' 32 sequences
+    eager = bench_config(policy_dir, rm_dir, args).rollout.enforce_eager
+    gen_floor = median(vllm_alone(str(policy_dir), responses, args.repeats, eager))
+    train_floor = median(train_alone(policy_dir, responses, args.repeats))
+    with RayRuntime(None, num_cpus=os.cpu_count()):
+        r = run_mode(False, policy_dir, rm_dir, prompts, args)
+    floor_sum = gen_floor + train_floor
+    p = r["phases"]
+    rows: list[list[Any]] = [
+        ["floor: engine alone, generate", gen_floor, ""],
+        ["floor: policy alone, train", train_floor, ""],
+        ["iteration", r["seconds"], f"{r['seconds'] / floor_sum:.2f}× sum of floors"],
+        *[[f"  {phase}", p[phase], ""] for phase in ("generate", "reward", "reference", "train")],
+        ["  weight_sync", p["weight_sync"], ""],
+    ]
+    print(table(f"GRPO iteration of {Path(policy_dir).name}: {n_prompts} prompts × {GROUP} "
+                f"samples, {len(prompts[0])} → {NEW_TOKENS} new tokens, 1 epoch, minibatch "
+                f"{MINIBATCH}; median of {args.iterations} after {args.warmup} warm-up",
+                ["", "seconds", "vs floor"], rows))  # fmt: skip
+    path = write(
+        "grpo_iteration",
+        {
+            **r,
+            "floor_sum_seconds": floor_sum,
+            "generate_alone_seconds": gen_floor,
+            "train_alone_seconds": train_floor,
+        },
+    )
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    main()
