@@ -21,13 +21,26 @@ Held-out prompts use (qualifier, topic) combinations that never occur in trainin
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from trainers.label_noise import (
+    calibrate_temperature as calibrate_temperature,
+)
+from trainers.label_noise import (
+    expected_agreement as expected_agreement,
+)
+from trainers.label_noise import (
+    noisy_ranking as noisy_ranking,
+)
+from trainers.label_noise import (
+    pairwise_agreement as pairwise_agreement,
+)
+from trainers.tiny_model import build_model as build_model
 
 TOPICS = (
     "movie", "book", "restaurant", "phone", "laptop", "hotel", "album", "game", "camera", "bike",
@@ -211,51 +224,6 @@ def _candidates(rng: random.Random, p: _Prompt, k: int) -> list[str]:
     return out
 
 
-def expected_agreement(score_sets: list[list[float]], temperature: float) -> float:
-    """Expected fraction of pairs that Plackett–Luce labels put in the noiseless order.
-
-    The pairwise marginal of Plackett–Luce with utilities s/τ is Bradley–Terry: P(i above j) =
-    σ((s_i − s_j)/τ); a tie counts half, as in the ceiling that the RM stage measures.
-    """
-    total = n = 0.0
-    for scores in score_sets:
-        for i in range(len(scores)):
-            for j in range(i + 1, len(scores)):
-                gap = abs(scores[i] - scores[j]) / temperature
-                total += 1.0 / (1.0 + math.exp(-gap)) if gap < 700 else 1.0
-                n += 1
-    return total / max(n, 1)
-
-
-def calibrate_temperature(score_sets: list[list[float]], agreement: float) -> float:
-    """The noise temperature τ at which the expected agreement equals `agreement` (bisection)."""
-    lo, hi = 1e-4, 1e3  # agreement falls as τ grows
-    for _ in range(60):
-        mid = math.sqrt(lo * hi)
-        if expected_agreement(score_sets, mid) > agreement:
-            lo = mid
-        else:
-            hi = mid
-    return math.sqrt(lo * hi)
-
-
-def noisy_ranking(rng: random.Random, scores: list[float], temperature: float) -> list[int]:
-    """Indices best first, sampled from Plackett–Luce (Gumbel-max) with utilities s/τ."""
-    keys = [s / temperature - math.log(-math.log(rng.random() or 1e-300)) for s in scores]
-    return sorted(range(len(scores)), key=lambda i: -keys[i])
-
-
-def pairwise_agreement(rankings: list[list[float]]) -> float:
-    """Fraction of pairs (i ranked above j) whose noiseless scores agree (ties count half)."""
-    agree = n = 0.0
-    for scores in rankings:  # each list is the labeler's scores in the noisy (label) order
-        for i in range(len(scores)):
-            for j in range(i + 1, len(scores)):
-                agree += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
-                n += 1
-    return agree / max(n, 1)
-
-
 # ---------------------------------------------------------------------------------------------
 # tokenizer and model
 
@@ -284,33 +252,6 @@ def build_tokenizer(texts: list[str]) -> Any:
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def build_model(cfg: Any, tokenizer: Any, seed: int) -> Any:
-    """The tiny random-init causal LM (cfg: TinyModelConfig)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    common = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_attention_heads,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": None,
-        "tie_word_embeddings": False,
-    }
-    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[cfg.architecture]
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config_cls(**common), dtype=torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = None
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
