@@ -5,6 +5,8 @@ the 32 responses (vLLM in this process) and the policy alone training on them (p
 process).
 
     .venv/bin/python -m bench.grpo_iteration [--iterations 6] [--warmup 2]
+    .venv/bin/python -m bench.grpo_iteration --model .cache/models/SmolLM2-135M-Instruct \
+        --prompts 4 --new-tokens 32         # the real model's workload (make smollm2)
 
 The roles are the real actors of a run (bench/ppo_iteration.yaml with ppo.advantage grpo): one
 vLLM engine sampling the 4 responses of a prompt together, the RM, the reference and a one-rank
@@ -40,13 +42,16 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
+    parser.add_argument("--model", help="the policy's folder (default: the standard model)")
+    parser.add_argument("--prompts", type=int, default=ROLLOUTS // GROUP, help="per iteration")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="exact response length")
     args = parser.parse_args()
-    n_prompts = ROLLOUTS // GROUP
+    n_prompts = args.prompts
     args.set = [
         "ppo.advantage=grpo",
         f"ppo.rollout_batch={n_prompts}",
         f"ppo.n_samples_per_prompt={GROUP}",
-        f"ppo.max_new_tokens={NEW_TOKENS}",
+        f"ppo.max_new_tokens={args.new_tokens}",
         f"rollout.chunk_size={n_prompts}",
         *args.set,
     ]
@@ -58,13 +63,15 @@ def main() -> None:
     torch.set_num_threads(1)  # the anchors were measured with one torch thread
     from transformers import AutoConfig
 
-    policy_dir = standard_model()
+    policy_dir = Path(args.model) if args.model else standard_model()
     rm_dir = reward_model(policy_dir)
     prompts = standard_prompts(n_prompts, AutoConfig.from_pretrained(policy_dir).vocab_size)
     responses = [p for p in prompts for _ in range(GROUP)]  # the floors' 32 sequences
     eager = bench_config(policy_dir, rm_dir, args).rollout.enforce_eager
-    gen_floor = median(vllm_alone(str(policy_dir), responses, args.repeats, eager))
-    train_floor = median(train_alone(policy_dir, responses, args.repeats))
+    gen_floor = median(
+        vllm_alone(str(policy_dir), responses, args.repeats, eager, new_tokens=args.new_tokens)
+    )
+    train_floor = median(train_alone(policy_dir, responses, args.repeats, args.new_tokens))
     with RayRuntime(None, num_cpus=os.cpu_count()):
         r = run_mode(False, policy_dir, rm_dir, prompts, args)
     floor_sum = gen_floor + train_floor
@@ -77,11 +84,11 @@ def main() -> None:
         ["  weight_sync", p["weight_sync"], ""],
     ]
     print(table(f"GRPO iteration of {Path(policy_dir).name}: {n_prompts} prompts × {GROUP} "
-                f"samples, {len(prompts[0])} → {NEW_TOKENS} new tokens, 1 epoch, minibatch "
+                f"samples, {len(prompts[0])} → {args.new_tokens} new tokens, 1 epoch, minibatch "
                 f"{MINIBATCH}; median of {args.iterations} after {args.warmup} warm-up",
                 ["", "seconds", "vs floor"], rows))  # fmt: skip
     path = write(
-        "grpo_iteration",
+        "grpo_iteration" if args.model is None else f"grpo_iteration_{policy_dir.name}",
         {
             **r,
             "floor_sum_seconds": floor_sum,

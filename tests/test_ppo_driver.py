@@ -277,3 +277,24 @@ def test_the_train_plan_leaves_out_dropped_samples_and_keeps_every_rank_busy() -
     assert sorted(kept) == sorted(set(range(16)) - dropped)
     # 7 samples left: a minibatch of 7 (the last one, of fewer than 2, joined the one before)
     assert all(len(s["samples"]) >= 2 for s in plan)
+
+
+def test_the_driver_state_goes_back_to_the_start_keeping_the_starting_evaluation() -> None:
+    """A learner group that loses a rank before the first checkpoint restarts the run from its
+    start: the driver's state goes back to its first one, but the starting policy's evaluation,
+    done before, is kept (the final figures compare against it)."""
+    from trainers.config import RunConfig
+    from trainers.rl.state import DriverState
+
+    config = RunConfig.model_validate({"name": "t", "output_dir": "/tmp/t"})
+    prompts = [{"prompt_ids": [i]} for i in range(8)]
+    state = DriverState.start(config, prompts)
+    initial = state.saved(0.0, 0.0)
+    state.before, state.sft_demo_loss = {"scores": [1.0]}, 0.5
+    state.stream.take(5)
+    state.iteration, state.tokens = 3, 99.0
+    state.kl.beta = 0.2
+    state.restore(initial, config, roles=None)  # type: ignore[arg-type]
+    assert (state.iteration, state.tokens, state.kl.beta) == (0, 0.0, config.ppo.kl.beta)
+    assert state.stream.state() == [0, 0]
+    assert state.before == {"scores": [1.0]} and state.sft_demo_loss == 0.5

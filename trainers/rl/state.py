@@ -72,8 +72,9 @@ class DriverState:
         self.moments.load_state_dict(saved["reward_moments"])
         self.stream.restore(saved["stream"])
         self.tokens, self.generate_seconds = saved["tokens"], saved["generate_seconds"]
-        self.before = saved.get("before", self.before)
-        self.sft_demo_loss = saved.get("sft_demo_loss", self.sft_demo_loss)
+        # the starting policy's evaluation is kept when the state goes back to the start
+        if saved.get("before") is not None:
+            self.before, self.sft_demo_loss = saved["before"], saved["sft_demo_loss"]
         self.upcoming = None
         if saved.get("upcoming") is not None:
             self.upcoming = start_rollout(
