@@ -53,7 +53,7 @@ def test_a_critic_free_method_beats_the_sft_policy(
     assert not (run_dir / "ppo" / "critic").exists()
     assert (run_dir / "ppo" / "policy" / "config.json").is_file()
     checkpoints = list((run_dir / "ppo" / "checkpoints").glob("iter-*"))
-    assert checkpoints
+    assert (run_dir / "ppo" / "checkpoints" / "latest").read_text() == "iter-000060\n"
     for checkpoint in checkpoints:
         assert sorted(p.name for p in checkpoint.iterdir()) == ["driver.json", "policy"]
 

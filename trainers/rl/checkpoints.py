@@ -37,8 +37,8 @@ class Checkpoints:
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name, group in roles.learners().items():
-            group.save_checkpoint(tmp / name)
+        for role, group in roles.learners().items():
+            group.save_checkpoint(tmp / role)
         (tmp / "driver.json").write_text(json.dumps(driver) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -53,7 +53,7 @@ class Checkpoints:
     def load(self, folder: Path, roles: Roles) -> dict[str, Any]:
         """Put the groups back in the checkpoint's state and the engines on its weights."""
         driver = json.loads((folder / "driver.json").read_text())
-        for name, group in roles.learners().items():
-            group.load_checkpoint(folder / name)
+        for role, group in roles.learners().items():
+            group.load_checkpoint(folder / role)
         roles.sync_weights(driver["iteration"])
         return dict(driver)
