@@ -39,17 +39,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from trainers.task import (
-    ASSISTANT,
-    CHAT_TEMPLATE,
-    EOS,
-    PAD,
-    UNK,
-    USER,
-    _write_jsonl,
-    build_model,
-    task_manifest,
-)
+from trainers.task import _write_jsonl, build_model, task_manifest, word_level_tokenizer
 
 LOW, HIGH = 10, 49  # the addends: 1,600 ordered problems, 820 unordered pairs
 SLIP_RATE = 0.3
@@ -202,25 +192,7 @@ def build_tokenizer() -> Any:
     Not trainers.task.build_tokenizer: that one adds the review task's ~80 words, which no
     demonstration here uses and which the briefly trained tiny model still samples at T = 1.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [PAD, UNK, EOS, USER, ASSISTANT]
-    vocab = {tok: i for i, tok in enumerate([*specials, *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=PAD,
-        unk_token=UNK,
-        eos_token=EOS,
-        additional_special_tokens=[USER, ASSISTANT],
-        padding_side="right",
-        model_max_length=4096,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return word_level_tokenizer(list(WORDS))
 
 
 def build_arithmetic_task(cfg: Any, folder: Path, slip_rate: float = SLIP_RATE) -> dict[str, Any]:

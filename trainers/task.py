@@ -230,14 +230,22 @@ def _candidates(rng: random.Random, p: _Prompt, k: int) -> list[str]:
 
 def build_tokenizer(texts: list[str]) -> Any:
     """A word-level tokenizer over the task's own vocabulary, with the chat template."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     words = {w for text in texts for w in _words(text)}
     words |= {w for group in ADJECTIVES.values() for w in group}
     words |= set(TOPICS) | set(QUALIFIERS) | set(ASPECTS) | set(ADVERBS)
-    specials = [PAD, UNK, EOS, USER, ASSISTANT]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(words - set(specials)))}
+    return word_level_tokenizer(sorted(words - set(SPECIALS)))
+
+
+SPECIALS = (PAD, UNK, EOS, USER, ASSISTANT)
+
+
+def word_level_tokenizer(words: list[str]) -> Any:
+    """A lowercase, whitespace-split word-level tokenizer: the special tokens, then `words` in
+    their order, with the chat template (the built-in tasks' tokenizer)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
