@@ -65,6 +65,7 @@ def test_a_critic_free_method_beats_the_sft_policy(
         assert 0.0 <= r["ppo/group/zero_signal_share"] <= 1.0
         assert r["ppo/group/score_std"] >= 0.0 and r["ppo/group/length_std"] >= 0.0
         assert r["ppo/tokens"] > 0 and "ppo/value_loss" not in r
+        assert "ppo/explained_variance" not in r
     # the responses to a prompt differ (sampled together, not copies): few groups are flat
     assert sum(r["ppo/group/zero_signal_share"] for r in rows) / len(rows) < 0.2
 

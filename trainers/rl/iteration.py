@@ -64,6 +64,8 @@ def iteration(
     t["generated"] = time.perf_counter()
     chunk_stats, reissued, replaced = gather(config, roles, rollout, version=it)
     figures = experience_figures(chunk_stats, state, reissued)
+    if roles.critic is None:  # no values: nothing for them to explain
+        figures.pop("explained_variance")
     t["scored"] = time.perf_counter()
 
     # 3. policy and critic train at the same time on the experience they fetch themselves; in
