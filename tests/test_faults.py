@@ -5,6 +5,7 @@ run clearly."""
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -125,8 +126,9 @@ def test_a_reward_model_that_scores_nan_skips_updates_and_stops_the_run(
 def test_a_killed_learner_rank_brings_the_groups_back_from_the_last_checkpoint(
     demo_run, short_eval, tmp_path: Path
 ) -> None:
-    """A policy or critic rank killed at a random point after the first checkpoint: both groups
-    go back to it within the run, which ends with every iteration done."""
+    """A policy or critic rank killed at a random point after the first checkpoint: the groups
+    go back to the last checkpoint within the run, which ends with every iteration done and the
+    phase that the kill hit redone."""
     import os
     import signal
     import time
@@ -171,4 +173,54 @@ def test_a_killed_learner_rank_brings_the_groups_back_from_the_last_checkpoint(
     assert summary["ppo"]["iterations"] == 4
     said = [line for line in lines if "lost a rank" in line]
     assert len(said) == 1, lines
-    assert "bringing the groups back from" in said[0] and "iter-000002" in said[0]
+    # killed in iteration 3 or 4 (the groups go back to iteration 2's checkpoint), or while
+    # iteration 4's checkpoint, the final evaluation or the final save was under way (back to
+    # the last whole checkpoint, and the phase is redone)
+    assert re.search(r"bringing the groups back from \S*iter-00000[24]$", said[0]), said
+
+
+@pytest.mark.e2e
+def test_an_engine_killed_after_the_last_iteration_is_replaced_and_the_phase_redone(
+    demo_run, short_eval, tmp_path: Path
+) -> None:
+    """The rollout engine killed as the final checkpoint is written, so that the evaluation
+    after training (or, if it had already generated, the memory figures) meets a dead engine:
+    it is replaced, the phase is redone, and the run ends with its figures."""
+    import os
+    import signal
+    import time
+
+    from ray._private.state import actors
+
+    from trainers.pipeline import run
+
+    demo, _ = demo_run
+    shutil.copytree(demo / "task", tmp_path / "run" / "task")
+    config = _config(
+        demo, tmp_path / "run", "ppo.iterations=2", "ppo.rollout_batch=32", *short_eval
+    )
+    latest = tmp_path / "run" / "ppo" / "checkpoints" / "latest"
+    killed: list[int] = []
+
+    def kill_the_engine() -> None:
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            if latest.exists() and latest.read_text().strip() == "iter-000002":
+                break
+            time.sleep(0.02)
+        alive = [a for a in actors().values() if a["State"] == "ALIVE"]
+        [engine] = [a for a in alive if a["ActorClassName"] == "RolloutEngine"]
+        killed.append(engine["Pid"])
+        os.kill(engine["Pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_engine)
+    killer.start()
+    lines: list[str] = []
+    summary = run(config, log=lines.append)
+    killer.join()
+    assert killed
+    assert summary["ppo"]["iterations"] == 2 and summary["ppo"]["winrate_vs_sft"] >= 0.0
+    redone = [line for line in lines if "replaced rollout[0]; redoing it" in line]
+    assert len(redone) == 1, lines
+    assert redone[0].startswith(("ppo: evaluation after training:", "ppo: memory figures:"))
+    assert (tmp_path / "run" / "ppo" / "policy" / "config.json").is_file()

@@ -8,10 +8,12 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from cluster import RemoteCallError
 from cluster.groups import format_resources
@@ -24,6 +26,7 @@ from trainers.rl.roles import LearnerFault, Roles, first_line
 from trainers.rl.state import DriverState
 from trainers.tracking import Tracker, progress
 
+T = TypeVar("T")
 PHASES = ("iteration", "generate", "score_after_generate", "train", "weight_sync")
 
 
@@ -61,9 +64,15 @@ def train(
             started -= saved["seconds"]
             state.restore(saved, config, roles)
             log(f"ppo: resumed from {latest} after iteration {state.iteration}")
-        else:
-            state.before = sample_policy(roles, inputs, config, labeler)
-            state.sft_demo_loss = demo_loss(roles, inputs, cfg.minibatch_size)
+        recovery = Recovery(roles, state, checkpoints, initial, config, log)
+        if latest is None:
+            state.before = recovery.run(
+                "evaluation before training", lambda: sample_policy(roles, inputs, config, labeler)
+            )
+            state.sft_demo_loss = recovery.run(
+                "alignment-tax loss before training",
+                lambda: demo_loss(roles, inputs, cfg.minibatch_size),
+            )
         bar = progress(cfg.iterations, "ppo")
         bar.update(state.iteration)
         restarts, restarted = 0, 0
@@ -71,6 +80,13 @@ def train(
             it = state.iteration
             try:
                 figures, experience = iteration(config, roles, state, skips)
+                state.tokens += figures["tokens"]
+                state.generate_seconds += figures["time/generate"]
+                # a rank lost while the checkpoint is written is recovered as in the iteration
+                if state.iteration % cfg.checkpoint_every == 0 or state.iteration == cfg.iterations:
+                    timeout = config.learner.collective_timeout_s
+                    seconds = time.perf_counter() - started
+                    checkpoints.save(state.iteration, roles, state.saved(seconds, timeout))
             except NonFiniteError as e:
                 bar.close()
                 last = checkpoints.latest()
@@ -99,21 +115,19 @@ def train(
                 continue
             figures["faults/learner_restarts"] = float(restarted)
             restarted = 0
-            state.tokens += figures["tokens"]
-            state.generate_seconds += figures["time/generate"]
             for key in PHASES:
                 phases.setdefault(key, []).append(figures[f"time/{key}"])
-            if state.iteration % cfg.checkpoint_every == 0 or state.iteration == cfg.iterations:
-                timeout = config.learner.collective_timeout_s
-                seconds = time.perf_counter() - started
-                checkpoints.save(state.iteration, roles, state.saved(seconds, timeout))
             log_iteration(tracker, bar, figures, experience, inputs, labeler, it, cfg)
         bar.close()
-        after = sample_policy(roles, inputs, config, labeler)
-        ppo_demo_loss = demo_loss(roles, inputs, cfg.minibatch_size)
-        for name, group in roles.learners().items():
-            group.save(out / name)
-        memory = roles.peak_memory_gb()
+        after = recovery.run(
+            "evaluation after training", lambda: sample_policy(roles, inputs, config, labeler)
+        )
+        ppo_demo_loss = recovery.run(
+            "alignment-tax loss after training",
+            lambda: demo_loss(roles, inputs, cfg.minibatch_size),
+        )
+        recovery.run("final save", lambda: save_learners(roles, out))
+        memory = recovery.run("memory figures", roles.peak_memory_gb)
     log(
         "ppo: peak resident memory per role (GB, the largest rank): "
         + ", ".join(f"{role} {gb:.2f}" for role, gb in memory.items())
@@ -125,6 +139,77 @@ def train(
     )
     log_summary(figures_out, labeler, out, log)
     return figures_out
+
+
+class PhaseFailed(RuntimeError):
+    """A phase outside the iterations failed again after its retries."""
+
+
+class Recovery:
+    """Runs a phase outside the iterations (the evaluations, the alignment-tax loss, the final
+    save) and redoes it after a role's process died or hung in it: an engine, reward, reference
+    or joiner actor is replaced (an engine with the policy's current weights); a learner group
+    that lost a rank comes back from the last checkpoint (or, before the first, from the run's
+    starting models), and the driver's state with it. Each redone phase is logged and counted;
+    after ppo.chunk_retries redos a phase stops the run, naming the last checkpoint."""
+
+    def __init__(
+        self,
+        roles: Roles,
+        state: DriverState,
+        checkpoints: Checkpoints,
+        initial: dict[str, Any],
+        config: RunConfig,
+        log: Any,
+    ) -> None:
+        self.roles, self.state, self.checkpoints = roles, state, checkpoints
+        self.initial, self.config, self.log = initial, config, log
+        self.redone: dict[str, int] = {}
+
+    def run(self, phase: str, work: Callable[[], T]) -> T:
+        retries = self.config.ppo.chunk_retries
+        for attempt in range(retries + 1):
+            try:
+                return work()
+            except (RayActorError, RayTaskError, GetTimeoutError, RemoteCallError) as e:
+                if attempt == retries:
+                    raise PhaseFailed(
+                        f"ppo: {phase}: failed {attempt + 1} times ({first_line(e)}); the last "
+                        f"checkpoint is {self.checkpoints.latest() or 'none yet'}"
+                    ) from e
+                t0 = time.perf_counter()
+                what = self._recover(phase, e)
+                self.redone[phase] = self.redone.get(phase, 0) + 1
+                self.log(
+                    f"ppo: {phase}: {what}; redoing it ({time.perf_counter() - t0:.1f} s to "
+                    "recover)"
+                )
+        raise AssertionError("unreachable")
+
+    def _recover(self, phase: str, cause: BaseException) -> str:
+        dead = self.roles.dead_learners()
+        if dead:
+            restore_learners(
+                self.roles,
+                self.state,
+                self.checkpoints,
+                self.initial,
+                dead,
+                cause,
+                self.config,
+                self.log,
+                f"the {phase}",
+            )
+            return f"the {' and '.join(dead)} group came back"
+        # raises `cause` again if no actor died or hangs (a bug, bad data: redoing cannot help)
+        replaced = self.roles.recover(self.state.iteration, cause)
+        return f"replaced {', '.join(replaced)}"
+
+
+def save_learners(roles: Roles, out: Path) -> None:
+    """The trained policy (and critic) as model folders in the stage's folder."""
+    for name, group in roles.learners().items():
+        group.save(out / name)
 
 
 def describe_placement(config: RunConfig, roles: Roles, out: Path, log: Any) -> None:
@@ -159,14 +244,15 @@ def restore_learners(
     cause: BaseException,
     config: RunConfig,
     log: Any,
+    during: str = "",
 ) -> None:
     """Bring the learner groups back after a rank died: from the last checkpoint (the groups
     that lost a rank start again first), or, with none yet, both from the run's starting
     models; the driver's state goes back with them."""
     last = checkpoints.latest()
     log(
-        f"ppo: iteration {state.iteration + 1}: the {' and '.join(dead)} group lost a rank "
-        f"({first_line(cause)}); bringing the groups back from {last or 'the start'}"
+        f"ppo: {during or f'iteration {state.iteration + 1}'}: the {' and '.join(dead)} group "
+        f"lost a rank ({first_line(cause)}); bringing the groups back from {last or 'the start'}"
     )
     if last is None:
         roles.restart_learners(roles.learner_names)
