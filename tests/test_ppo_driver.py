@@ -254,6 +254,23 @@ def test_the_reward_is_the_weighted_sum_of_its_sources() -> None:
     assert summarize([stats])["dropped_samples"] == 1
 
 
+def test_the_evaluation_and_the_experience_sum_the_sources_alike() -> None:
+    from trainers.experience import combine_scores, weighted_sum
+
+    parts = [[0.1, -2.0, 3.3], [1.0, float("nan"), 0.7], [-0.3, 0.2, 5.0]]
+    weights = (0.5, 0.25, 2.0)
+    summed = weighted_sum(parts, weights)
+    assert summed[0] == 0.5 * 0.1 + 0.25 * 1.0 + 2.0 * -0.3
+    assert math.isnan(summed[1])
+    as_learned = combine_scores(parts, weights)
+    assert as_learned.dtype == torch.float32
+    assert as_learned[[0, 2]].tolist() == torch.tensor([summed[0], summed[2]]).tolist()
+    one = [[0.123456789, -1.5]]
+    assert weighted_sum(one, (1.0,)) == one[0]  # a single source's scores are kept as they are
+    with pytest.raises(ValueError, match="2 reward sources but 1 weights"):
+        weighted_sum(parts[:2], (1.0,))
+
+
 def test_the_train_plan_leaves_out_dropped_samples_and_keeps_every_rank_busy() -> None:
     from trainers.config import RunConfig
     from trainers.rl.iteration import dropped_samples, train_plan

@@ -154,16 +154,22 @@ def make_experience(
     return out, stats
 
 
-def combine_scores(sources: list[list[float]], weights: tuple[float, ...]) -> torch.Tensor:
-    """(B,) the reward: the sources' scores weighted and summed (NaN where any source is)."""
+def weighted_sum(sources: list[list[float]], weights: tuple[float, ...]) -> list[float]:
+    """Each sample's reward: its sources' scores weighted and summed in float64 (NaN where any
+    source's is); one source of weight 1 is its scores as they are."""
     if len(sources) != len(weights):
         raise ValueError(f"{len(sources)} reward sources but {len(weights)} weights")
     if len(sources) == 1 and weights[0] == 1.0:
-        return torch.tensor(sources[0], dtype=torch.float32)
-    total = sum(
-        w * torch.tensor(s, dtype=torch.float64) for w, s in zip(weights, sources, strict=True)
-    )
-    return torch.as_tensor(total).to(torch.float32)
+        return list(sources[0])
+    return [
+        sum(w * float(s[i]) for w, s in zip(weights, sources, strict=True))
+        for i in range(len(sources[0]))
+    ]
+
+
+def combine_scores(sources: list[list[float]], weights: tuple[float, ...]) -> torch.Tensor:
+    """(B,) the reward as the learners' float32: `weighted_sum` of the sources."""
+    return torch.tensor(weighted_sum(sources, weights), dtype=torch.float32)
 
 
 def _group_advantages(

@@ -11,6 +11,7 @@ from typing import Any
 import ray
 
 from trainers.config import RunConfig
+from trainers.experience import weighted_sum
 from trainers.rl.inputs import RLInputs
 from trainers.rl.roles import Roles
 from trainers.rl.rollout import chunked, generate, prompt_record, sampling_of
@@ -35,12 +36,7 @@ def sample_policy(
     samples_ref = ray.put(samples)
     records = [prompt_record(p) for p in inputs.heldout_prompts]
     parts = ray.get(roles.score(samples_ref, records), timeout=timeout)
-    weights, n = [w for _, w in roles.rewards], len(samples)
-    scores = (
-        parts[0]
-        if weights == [1.0]
-        else [sum(w * p[i] for w, p in zip(weights, parts, strict=True)) for i in range(n)]
-    )
+    scores = weighted_sum(parts, roles.score_weights)
     reference = roles.reference.actors[0]
     ref_lp = ray.get(reference.logprobs.remote(samples_ref, sampling.temperature), timeout=timeout)
     tok = inputs.tokenizer

@@ -211,7 +211,7 @@ def busy_times(roles: Roles, figures: dict[str, float], version: int) -> int:
     replaced now, not at its next use)."""
     replaced = 0
     groups = [("rollout", roles.engines)]
-    groups += [(g.name, g) for g, _ in roles.rewards] + [("reference", roles.reference)]
+    groups += [(r.group.name, r.group) for r in roles.rewards] + [("reference", roles.reference)]
     if roles.critic is not None:
         groups.append(("critic_forward", roles.critic.group))
     for name, group in groups:

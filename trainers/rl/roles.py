@@ -3,7 +3,7 @@ and the weight sync from the policy to the engines."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -16,6 +16,15 @@ from cluster import ActorGroup, RemoteCallError
 from trainers.common import autoscaling_timeout, engine_group, learner_group, optim_spec
 from trainers.config import RunConfig
 from trainers.rl.inputs import RLInputs
+
+
+class Reward(NamedTuple):
+    """One source of the reward: its actor group, its weight in the sum, and whether it is
+    given the prompts' records (functions and endpoints) or only the samples (the RM)."""
+
+    group: ActorGroup
+    weight: float
+    takes_records: bool
 
 
 class LearnerFault(RuntimeError):
@@ -52,7 +61,7 @@ class Roles:
             )
         )
         self.rewards = self._reward_sources(config, inputs, log)
-        self.reward = self.rewards[0][0]  # the RM when the reward has one, else its first source
+        self.reward = self.rewards[0].group  # the RM when the reward has one, else its first
         self.reference = self._scorer(ReferencePolicy, "reference", config, inputs.policy, log)
         self.config, self.inputs = config, inputs
         self.sync = weight_sync_method(config)
@@ -110,7 +119,7 @@ class Roles:
 
     def actor_groups(self) -> list[ActorGroup]:
         """The roles' groups of plain actors: engines, reward sources, reference, joiner."""
-        return [self.engines, *(g for g, _ in self.rewards), self.reference, self.joiner]
+        return [self.engines, *(r.group for r in self.rewards), self.reference, self.joiner]
 
     def dead_learners(self) -> list[str]:
         """The learner groups (policy, critic) with a rank that died or does not answer."""
@@ -189,9 +198,12 @@ class Roles:
         }
         return {**peaks, **{name: g.peak_memory_gb() for name, g in self.learners().items()}}
 
-    def _reward_sources(
-        self, config: RunConfig, inputs: RLInputs, log: Any
-    ) -> list[tuple[ActorGroup, float]]:
+    @property
+    def score_weights(self) -> tuple[float, ...]:
+        """The reward sources' weights, in the order `score` returns their scores."""
+        return tuple(r.weight for r in self.rewards)
+
+    def _reward_sources(self, config: RunConfig, inputs: RLInputs, log: Any) -> list[Reward]:
         """An actor for each of the reward's sources, with its weight; the RM's first."""
         sources = sorted(config.reward.sources, key=lambda s: s.kind != "rm")
         out = []
@@ -211,16 +223,14 @@ class Roles:
                 }
                 name = f"reward_{src.kind}_{i}"
                 group = self._scorer(RewardFunction, "reward", config, "", log, name, kwargs)
-            out.append((group, src.weight))
+            out.append(Reward(group, src.weight, takes_records=src.kind != "rm"))
         return out
 
     def score(self, samples: Any, records: Any) -> list[Any]:
         """Refs of each reward source's scores of a chunk's samples (records: their prompts')."""
         return [
-            g.actors[0].score.remote(samples, records)
-            if g.name.startswith("reward_")
-            else g.actors[0].score.remote(samples)
-            for g, _ in self.rewards
+            r.group.actors[0].score.remote(samples, *([records] if r.takes_records else []))
+            for r in self.rewards
         ]
 
     def _scorer(

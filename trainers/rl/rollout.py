@@ -169,7 +169,7 @@ def join(config: RunConfig, roles: Roles, rollout: Rollout, done: Any, i: int) -
             *values,
             *learner_lp,
             extra_scores=len(scores) - 1,
-            score_weights=tuple(weight for _, weight in roles.rewards),
+            score_weights=roles.score_weights,
             value_parts=len(values),
             drop_nonfinite=config.reward.on_error == "skip",
             policy_parts=len(learner_lp),
