@@ -184,6 +184,9 @@ CASES = [
      ["rm.model={d}/bad_model"], "not_a_classifier", ["rm.model", "clip_vision_model"]),
     ("PPO reward model folder missing", {}, ["ppo.reward_model={d}/nowhere"], None,
      ["ppo.reward_model", "does not exist"]),
+    ("reward function's module missing", {},
+     ['reward.sources=[{kind: function, target: "no_such_rewards:score"}]'], None,
+     ["reward.sources[0].target", "no_such_rewards", "PYTHONPATH"]),
 ]  # fmt: skip
 
 

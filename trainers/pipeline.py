@@ -24,6 +24,7 @@ from trainers.preflight import (
     Paths,
     _demand,
     check_capacity,
+    check_reward_functions,
     prepare_ppo,
     prepare_rm,
     resolve_paths,
@@ -36,6 +37,7 @@ __all__ = [
     "StageConflict",
     "_demand",
     "check_capacity",
+    "check_reward_functions",
     "prepare_ppo",
     "prepare_rm",
     "resolve_paths",
@@ -83,6 +85,7 @@ def run(
     """Run the config's stages; returns the summary (also written to `<run>/summary.json`)."""
     started = time.time()
     check_capacity(config)
+    check_reward_functions(config)
     paths = resolve_paths(config)
     paths.run.mkdir(parents=True, exist_ok=True)
     # The console is for the run's own lines: what libraries print goes to the run's logs/.

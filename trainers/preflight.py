@@ -4,6 +4,7 @@ each stage's roles reserve (`check_capacity`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,27 @@ def _demand(config: RunConfig, stage: str) -> list[tuple[str, float, float]]:
         (f"reward.cpus {config.reward.cpus:g}", config.reward.cpus, config.reward.gpus),
         (f"reference.cpus {config.reference.cpus:g}", config.reference.cpus, config.reference.gpus),
     ]
+
+
+def check_reward_functions(config: RunConfig) -> None:
+    """A reward function's module must be importable where its actor runs: Ray's workers have
+    this driver's Python path, so a module this process cannot find is a ConfigError now, not an
+    actor's failure after the earlier stages have run."""
+    if "ppo" not in config.stages:
+        return
+    for i, source in enumerate(config.reward.sources):
+        if source.kind != "function" or source.target is None:
+            continue
+        module = source.target.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package that is missing or not a package
+            found = False
+        if not found:
+            raise ConfigError(
+                f"reward.sources[{i}].target: no module {module!r} (of {source.target!r}) on this "
+                "Python's path; run from the folder that holds it or add that folder to PYTHONPATH"
+            )
 
 
 def check_capacity(config: RunConfig) -> None:
