@@ -19,6 +19,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from trainers.gguf_import import GGUFImportError
     from trainers.pipeline import StageConflict
     from trainers.rl import CheckpointExists, NonFiniteError
+    from trainers.rl.recovery import PhaseFailed
+    from trainers.steps import StageFailed
 
     return (
         ConfigError,
@@ -31,6 +33,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         CheckpointExists,
         JobError,
         NonFiniteError,
+        PhaseFailed,
+        StageFailed,
     )
 
 
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--resume",
         action="store_true",
-        help="continue an unfinished PPO stage from its latest checkpoint",
+        help="continue an unfinished SFT, RM or PPO stage from its latest checkpoint",
     )
     check = sub.add_parser("check", help="validate a config and print it, starting nothing")
     check.add_argument("config")

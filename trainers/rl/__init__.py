@@ -8,7 +8,8 @@
     state.py        the driver's state between iterations (what a checkpoint saves)
     checkpoints.py  checkpoints, written whole or not at all
     evaluation.py   the held-out evaluation, the alignment tax, the samples table
-    loop.py         the stage: roles, evaluations, the iterations with their recovery, the figures
+    recovery.py     the one recovery of every phase from a role's death or hang
+    loop.py         the stage: roles, evaluations, the iterations, checkpoints, the figures
 """
 
 from trainers.rl.checkpoints import CheckpointExists

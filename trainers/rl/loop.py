@@ -6,27 +6,23 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from cluster import RemoteCallError
 from cluster.groups import format_resources
 from trainers.config import RunConfig
-from trainers.rl.checkpoints import CheckpointExists, Checkpoints
+from trainers.rl.checkpoints import Checkpoints
 from trainers.rl.evaluation import demo_loss, sample_policy, sample_rows, write_eval
 from trainers.rl.inputs import RLInputs
 from trainers.rl.iteration import NonFiniteError, SkipGuard, iteration
-from trainers.rl.roles import LearnerFault, Roles, first_line
+from trainers.rl.recovery import FAULTS, Recovery, start_roles
+from trainers.rl.roles import Roles
 from trainers.rl.state import DriverState
 from trainers.tracking import Tracker, progress
 
-T = TypeVar("T")
 PHASES = ("iteration", "generate", "score_after_generate", "train", "weight_sync")
 
 
@@ -49,22 +45,16 @@ def train(
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     skips = SkipGuard(cfg.max_skipped_steps)
     phases: dict[str, list[float]] = {}  # each iteration's seconds per phase, in this process
-    if restart:
-        shutil.rmtree(checkpoints.root, ignore_errors=True)
-    latest = checkpoints.latest()
-    if latest is not None and not resume:
-        raise CheckpointExists(
-            f"{latest} holds a checkpoint of an unfinished PPO run; pass --resume to continue "
-            "it, or --restart to start over"
-        )
-    with Roles(config, inputs, log) as roles:
+    latest = checkpoints.folders.refuse_fresh_start("PPO", resume, restart)
+    roles, start_faults = start_roles(config, inputs, log)
+    with roles:
         describe_placement(config, roles, out, log)
+        recovery = Recovery(roles, state, checkpoints, initial, config, log, start_faults)
         if latest is not None:
-            saved = checkpoints.load(latest, roles)
+            saved = recovery.run("resume", lambda: checkpoints.load(latest, roles))
             started -= saved["seconds"]
             state.restore(saved, config, roles)
             log(f"ppo: resumed from {latest} after iteration {state.iteration}")
-        recovery = Recovery(roles, state, checkpoints, initial, config, log)
         if latest is None:
             state.before = recovery.run(
                 "evaluation before training", lambda: sample_policy(roles, inputs, config, labeler)
@@ -75,7 +65,7 @@ def train(
             )
         bar = progress(cfg.iterations, "ppo")
         bar.update(state.iteration)
-        restarts, restarted = 0, 0
+        restarted = 0  # the learner groups' restarts before this iteration
         while state.iteration < cfg.iterations:
             it = state.iteration
             try:
@@ -94,27 +84,17 @@ def train(
                     f"ppo: iteration {it + 1}: {e}. The run stops; the last good checkpoint is "
                     + (f"{last} (continue from it with --resume)" if last else "none yet")
                 ) from None
-            except (RemoteCallError, LearnerFault) as e:
-                # A learner or critic rank died or hangs: both groups go back to the last
-                # checkpoint (a group that lost a rank starts again first) and the run goes on.
-                dead = roles.dead_learners()
-                if not dead:
-                    raise
-                if restarts == cfg.learner_restarts:
-                    raise LearnerFault(
-                        f"ppo: iteration {it + 1}: the {' and '.join(dead)} group lost a rank "
-                        f"again, after {restarts} restarts (ppo.learner_restarts); the last "
-                        f"checkpoint is {checkpoints.latest() or 'none yet'} (continue with "
-                        "--resume)"
-                    ) from e
-                restarts += 1
-                restarted += 1
-                restore_learners(roles, state, checkpoints, initial, dead, e, config, log)
+            except FAULTS as e:
+                # a policy or critic rank died or hangs, or an actor died again while it was
+                # being replaced: the groups go back to the last checkpoint (a group that lost a
+                # rank starts again first) and the run goes on
+                recovery.learners_lost(f"iteration {it + 1}", e)
                 bar.n = state.iteration
                 bar.refresh()
                 continue
-            figures["faults/learner_restarts"] = float(restarted)
-            restarted = 0
+            figures["faults/learner_restarts"] = float(recovery.learner_restarts - restarted)
+            restarted = recovery.learner_restarts
+            figures.update(recovery.figures)
             for key in PHASES:
                 phases.setdefault(key, []).append(figures[f"time/{key}"])
             log_iteration(tracker, bar, figures, experience, inputs, labeler, it, cfg)
@@ -128,6 +108,9 @@ def train(
         )
         recovery.run("final save", lambda: save_learners(roles, out))
         memory = recovery.run("memory figures", roles.peak_memory_gb)
+        faults = dict(recovery.figures)
+    if faults:
+        tracker.log({f"ppo/{k}": v for k, v in faults.items()})
     log(
         "ppo: peak resident memory per role (GB, the largest rank): "
         + ", ".join(f"{role} {gb:.2f}" for role, gb in memory.items())
@@ -137,73 +120,9 @@ def train(
     figures_out = stage_figures(
         config, state, after, ppo_demo_loss, memory, phases, time.perf_counter() - started
     )
+    figures_out["ppo"].update(faults)
     log_summary(figures_out, labeler, out, log)
     return figures_out
-
-
-class PhaseFailed(RuntimeError):
-    """A phase outside the iterations failed again after its retries."""
-
-
-class Recovery:
-    """Runs a phase outside the iterations (the evaluations, the alignment-tax loss, the final
-    save) and redoes it after a role's process died or hung in it: an engine, reward, reference
-    or joiner actor is replaced (an engine with the policy's current weights); a learner group
-    that lost a rank comes back from the last checkpoint (or, before the first, from the run's
-    starting models), and the driver's state with it. Each redone phase is logged and counted;
-    after ppo.chunk_retries redos a phase stops the run, naming the last checkpoint."""
-
-    def __init__(
-        self,
-        roles: Roles,
-        state: DriverState,
-        checkpoints: Checkpoints,
-        initial: dict[str, Any],
-        config: RunConfig,
-        log: Any,
-    ) -> None:
-        self.roles, self.state, self.checkpoints = roles, state, checkpoints
-        self.initial, self.config, self.log = initial, config, log
-        self.redone: dict[str, int] = {}
-
-    def run(self, phase: str, work: Callable[[], T]) -> T:
-        retries = self.config.ppo.chunk_retries
-        for attempt in range(retries + 1):
-            try:
-                return work()
-            except (RayActorError, RayTaskError, GetTimeoutError, RemoteCallError) as e:
-                if attempt == retries:
-                    raise PhaseFailed(
-                        f"ppo: {phase}: failed {attempt + 1} times ({first_line(e)}); the last "
-                        f"checkpoint is {self.checkpoints.latest() or 'none yet'}"
-                    ) from e
-                t0 = time.perf_counter()
-                what = self._recover(phase, e)
-                self.redone[phase] = self.redone.get(phase, 0) + 1
-                self.log(
-                    f"ppo: {phase}: {what}; redoing it ({time.perf_counter() - t0:.1f} s to "
-                    "recover)"
-                )
-        raise AssertionError("unreachable")
-
-    def _recover(self, phase: str, cause: BaseException) -> str:
-        dead = self.roles.dead_learners()
-        if dead:
-            restore_learners(
-                self.roles,
-                self.state,
-                self.checkpoints,
-                self.initial,
-                dead,
-                cause,
-                self.config,
-                self.log,
-                f"the {phase}",
-            )
-            return f"the {' and '.join(dead)} group came back"
-        # raises `cause` again if no actor died or hangs (a bug, bad data: redoing cannot help)
-        replaced = self.roles.recover(self.state.iteration, cause)
-        return f"replaced {', '.join(replaced)}"
 
 
 def save_learners(roles: Roles, out: Path) -> None:
@@ -233,34 +152,6 @@ def describe_placement(config: RunConfig, roles: Roles, out: Path, log: Any) -> 
         f"{critic} ({cfg.advantage}); {cfg.iterations} iterations of "
         f"{cfg.rollout_batch} prompts{per_prompt}"
     )
-
-
-def restore_learners(
-    roles: Roles,
-    state: DriverState,
-    checkpoints: Checkpoints,
-    initial: dict[str, Any],
-    dead: list[str],
-    cause: BaseException,
-    config: RunConfig,
-    log: Any,
-    during: str = "",
-) -> None:
-    """Bring the learner groups back after a rank died: from the last checkpoint (the groups
-    that lost a rank start again first), or, with none yet, both from the run's starting
-    models; the driver's state goes back with them."""
-    last = checkpoints.latest()
-    log(
-        f"ppo: {during or f'iteration {state.iteration + 1}'}: the {' and '.join(dead)} group "
-        f"lost a rank ({first_line(cause)}); bringing the groups back from {last or 'the start'}"
-    )
-    if last is None:
-        roles.restart_learners(roles.learner_names)
-        roles.sync_weights(0)
-        state.restore(initial, config, roles)
-    else:
-        roles.restart_learners(dead)
-        state.restore(checkpoints.load(last, roles), config, roles)
 
 
 def log_iteration(

@@ -134,13 +134,10 @@ class Roles:
             self.groups.remove(old)
         self._learners(names)
 
-    def recover(self, version: int, cause: BaseException) -> list[str]:
+    def replace_dead(self, version: int, cause: BaseException) -> list[str]:
         """Replace every engine, reward, reference or joiner actor that died or hangs (a new
         actor in its place; an engine also gets the policy's current weights, as `version`).
-        Returns what was replaced. If nothing was: a LearnerFault if a policy or critic rank
-        died or hangs (`train` brings the groups back from a checkpoint); else, if `cause` is no
-        actor's death or hang (a bug, bad data), `cause` again: it would fail the same way when
-        issued again."""
+        Returns what was replaced."""
         replaced = []
         for group in self.actor_groups():
             for rank in range(group.n):
@@ -155,9 +152,17 @@ class Roles:
                         actor.load_weights.remote(weights, version), timeout=group.call_timeout_s
                     )
                 replaced.append(f"{group.name}[{rank}]")
+        return replaced
+
+    def recover(self, version: int, cause: BaseException) -> list[str]:
+        """`replace_dead`; if nothing was replaced: a LearnerFault if a policy or critic rank
+        died or hangs (the stage's Recovery brings the groups back from a checkpoint); else, if
+        `cause` is no actor's death or hang (a bug, bad data), `cause` again: it would fail the
+        same way when issued again."""
+        replaced = self.replace_dead(version, cause)
         if not replaced:
             dead = self.dead_learners()
-            if dead:  # a learner group comes back from a checkpoint: `train` does it
+            if dead:  # a learner group comes back from a checkpoint: the Recovery does it
                 raise LearnerFault(f"{' and '.join(dead)}: a rank died or hangs") from cause
             if not actor_fault(cause):
                 raise cause

@@ -1,0 +1,67 @@
+"""Checkpoints of a stage's learner groups, written whole or not at all: `<root>/<prefix>-NNNNNN/`
+holds each group's DeepSpeed state (weights, optimizer, schedule) and `driver.json`, the driver's
+state. A checkpoint is written into a `.tmp` folder and renamed when whole; `latest` names the
+newest whole one and moves only after the rename, so a run killed while writing goes back to the
+one before."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+class CheckpointExists(RuntimeError):
+    """An unfinished run's checkpoint is in the way of a fresh start."""
+
+
+class Checkpoints:
+    def __init__(self, root: Path, keep: int, prefix: str = "iter") -> None:
+        self.root, self.keep, self.prefix = root, keep, prefix
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        folder = self.root / pointer.read_text().strip()
+        return folder if (folder / "driver.json").is_file() else None
+
+    def save(self, n: int, groups: dict[str, Any], driver: dict[str, Any]) -> Path:
+        """Checkpoint `n`: every group's state (a collective call on each) and `driver`."""
+        name = f"{self.prefix}-{n:06d}"
+        final, tmp = self.root / name, self.root / f"{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for role, group in groups.items():
+            group.save_checkpoint(tmp / role)
+        (tmp / "driver.json").write_text(json.dumps(driver) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer = self.root / "latest.tmp"
+        pointer.write_text(name + "\n")
+        pointer.replace(self.root / "latest")
+        whole = sorted(p for p in self.root.glob(f"{self.prefix}-*") if not p.name.endswith(".tmp"))
+        for old in whole[: -self.keep]:
+            shutil.rmtree(old)
+        return final
+
+    def load(self, folder: Path, groups: dict[str, Any]) -> dict[str, Any]:
+        """Every group back in the checkpoint's state; returns its driver.json."""
+        driver = json.loads((folder / "driver.json").read_text())
+        for role, group in groups.items():
+            group.load_checkpoint(folder / role)
+        return dict(driver)
+
+    def refuse_fresh_start(self, stage: str, resume: bool, restart: bool) -> Path | None:
+        """The checkpoint to resume from (None for a fresh start): with `restart` any checkpoint
+        is dropped; a checkpoint without `resume` is a CheckpointExists error."""
+        if restart:
+            shutil.rmtree(self.root, ignore_errors=True)
+        latest = self.latest()
+        if latest is not None and not resume:
+            raise CheckpointExists(
+                f"{latest} holds a checkpoint of an unfinished {stage} stage; pass --resume to "
+                "continue it, or --restart to start over"
+            )
+        return latest
