@@ -101,7 +101,12 @@ def _sample(
     engines = _engines(config, inputs.policy, log)
     tokens = 0
     try:
-        ray.get([a.__ray_ready__.remote() for a in engines.actors], timeout=timeout)
+        replaced = 0
+        for rank in range(engines.n):  # an engine that died or hangs as it starts is replaced
+            if not engines.alive(rank, timeout):
+                replaced += 1
+                engines.replace(rank)
+                log(f"collect: rollout rank {rank} died or hangs as it starts; replaced it")
         started = time.perf_counter()
         queue = deque(pending)
         flight: dict[Any, tuple[int, tuple[str, int, list[Prompt]]]] = {}
@@ -119,13 +124,41 @@ def _sample(
                 deal(rank)
         while flight:
             ready, _ = ray.wait(list(flight), num_returns=1, timeout=timeout)
-            if not ready:
-                raise RemoteCallError(f"collect: no chunk was generated within {timeout:.0f} s")
-            rank, (split, index, prompts) = flight.pop(ready[0])
-            try:
-                samples = ray.get(ready[0])
-            except (RayActorError, RayTaskError) as e:
-                raise RemoteCallError(f"collect: rollout rank {rank}: generate failed: {e}") from e
+            lost: set[int] = set()  # engines that died or hang: replaced, their chunks redone
+            if not ready:  # nothing within the deadline: an engine that does not answer hangs
+                lost = {rank for rank, _ in flight.values() if not engines.alive(rank)}
+                if not lost:
+                    raise RemoteCallError(f"collect: no chunk was generated within {timeout:.0f} s")
+            else:
+                rank, (split, index, prompts) = flight[ready[0]]
+                try:
+                    samples = ray.get(ready[0])
+                except (RayActorError, RayTaskError) as e:
+                    if not _died(e):
+                        raise RemoteCallError(
+                            f"collect: rollout rank {rank}: generate failed: {e}"
+                        ) from e
+                    lost = {rank}
+            if lost:
+                replaced += len(lost)
+                if replaced > cfg.chunk_retries:
+                    raise RemoteCallError(
+                        f"collect: engines died or hung {replaced} times (collect.chunk_retries="
+                        f"{cfg.chunk_retries}); the prompts collected so far are kept in "
+                        f"{', '.join(str(p) for p in partials.values())}: run again to continue"
+                    )
+                redo = [ref for ref, (r, _) in flight.items() if r in lost]
+                # their chunks go back to the front of the queue, in the order they were dealt
+                queue.extendleft(reversed([flight.pop(ref)[1] for ref in redo]))
+                for r in sorted(lost):
+                    t0 = time.perf_counter()
+                    engines.replace(r)
+                    log(f"collect: rollout rank {r} died or hangs; replaced it and redoing its "
+                        f"chunks ({time.perf_counter() - t0:.1f} s to recover)")  # fmt: skip
+                    deal(r)
+                    deal(r)
+                continue
+            del flight[ready[0]]
             deal(rank)
             lines = _sample_lines(split, prompts, samples, k, inputs.tokenizer)
             if inputs.labeler is not None:
@@ -138,3 +171,12 @@ def _sample(
         bar.close()
         engines.shutdown()
     return tokens, seconds
+
+
+def _died(e: BaseException) -> bool:
+    """The engine's process died (not a failure of the call itself)."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    return isinstance(e, RayActorError) or (
+        isinstance(e, RayTaskError) and isinstance(getattr(e, "cause", None), RayActorError)
+    )

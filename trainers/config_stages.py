@@ -20,6 +20,13 @@ class SFTConfig(Section):
     """demonstrations per optimizer step, over all ranks (a multiple of learner.ranks)"""
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """optimizer and schedule"""
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    """optimizer steps between the stage's checkpoints (null: at each epoch's end but the
+    last); a rank that dies brings the group back from the last one, and --resume continues
+    from it; they are removed once the model is saved"""
+    learner_restarts: int = Field(default=3, ge=0)
+    """times the learner group is brought back from the last checkpoint within the stage after
+    one of its ranks died or hung; then the stage stops"""
 
 
 class RMConfig(Section):
@@ -40,6 +47,13 @@ class RMConfig(Section):
     learner.ranks)"""
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-4))
     """optimizer and schedule"""
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    """optimizer steps between the stage's checkpoints (null: at each epoch's end but the
+    last); a rank that dies brings the group back from the last one, and --resume continues
+    from it; they are removed once the model is saved"""
+    learner_restarts: int = Field(default=3, ge=0)
+    """times the learner group is brought back from the last checkpoint within the stage after
+    one of its ranks died or hung; then the stage stops"""
 
 
 class CollectConfig(Section):
@@ -67,6 +81,10 @@ class CollectConfig(Section):
     """sampling temperature"""
     top_p: float = Field(default=1.0, gt=0, le=1)
     """nucleus sampling"""
+    chunk_retries: int = Field(default=3, ge=0)
+    """times an engine that died or hung is replaced and its chunks of prompts sampled again
+    (with the same seeds: the same responses) within the stage; then the stage stops, keeping
+    the prompts collected so far"""
     labeler: str = "task"
     """who ranks the K responses: "task", the built-in task's hidden labeler through the
     task's noise, calibrated to task.labeler_agreement; "module:function", a Python function

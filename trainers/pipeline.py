@@ -217,7 +217,9 @@ def _run(
                     record,
                     restart,
                     log,
-                    lambda: sft.train(config, inputs["sft"], paths.sft_out, tracker, log),
+                    lambda: sft.train(
+                        config, inputs["sft"], paths.sft_out, tracker, log, resume, restart
+                    ),
                 )
             if "collect" in config.stages:
                 check_produced(paths.collect_policy, "collect.policy")
@@ -268,7 +270,9 @@ def _run(
                     record,
                     restart,
                     log,
-                    lambda: rm.train(config, inputs["rm"], paths.rm_out, tracker, labeler, log),
+                    lambda: rm.train(
+                        config, inputs["rm"], paths.rm_out, tracker, labeler, log, resume, restart
+                    ),
                 )
             if "ppo" in config.stages:
                 check_produced(paths.ppo_policy, "ppo.policy")

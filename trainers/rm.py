@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from actors.learner import ModelSpec
+from actors.learner import LearnerGroup, ModelSpec
 from cluster.groups import split_evenly
 from trainers.common import evaluate, learner_group, optim_spec
 from trainers.config import RunConfig
@@ -35,7 +35,8 @@ from trainers.data import (
 )
 from trainers.losses import pairwise_accuracy
 from trainers.objectives import rm_eval, rm_objective, rm_score
-from trainers.tracking import Tracker, progress
+from trainers.steps import StepHooks, run_steps
+from trainers.tracking import Tracker
 
 
 @dataclass
@@ -138,7 +139,11 @@ def train(
     tracker: Tracker,
     labeler: Any = None,
     log: Any = print,
+    resume: bool = False,
+    restart: bool = False,
 ) -> dict[str, float]:
+    """Train the RM on the learner group, set its zero and save `out`; returns the figures. A
+    rank that dies brings the group back from the stage's last checkpoint (trainers.steps)."""
     cfg = config.rm
     started = time.perf_counter()
     pad = inputs.tokenizer.pad_token_id
@@ -147,9 +152,10 @@ def train(
     results: dict[str, float] = {}
     if labeler is not None:
         results["labeler_ceiling"] = labeler_ceiling(inputs, labeler)
-    with learner_group(
-        config.learner, config.seed, "rm-learner", cfg.batch_size, config.ray, log
-    ) as group:
+
+    def start_group() -> LearnerGroup:
+        group = learner_group(config.learner, config.seed, "rm-learner", cfg.batch_size,
+                              config.ray, log)  # fmt: skip
         params = group.build(
             ModelSpec(inputs.model, kind="reward", trust_remote_code=config.trust_remote_code),
             optim_spec(cfg.optim, total),
@@ -158,34 +164,47 @@ def train(
             f"rm: {params:,} parameters on {group.ranks} rank(s); {len(inputs.train)} comparisons"
             f" ({sum(len(e['sequences']) for e in inputs.train)} responses), {total} steps"
         )
-        bar = progress(total, "rm")
-        acc = math.nan
-        metrics: dict[str, float] = {}
-        for epoch in range(cfg.epochs):
-            for idx in shuffled_batches(len(inputs.train), cfg.batch_size, config.seed, epoch):
-                batch = [inputs.train[i] for i in idx]
-                shards = [
-                    collate_comparisons(s, pad, len(batch))
-                    for s in split_evenly(batch, group.ranks)
-                ]
-                metrics = group.train_step(rm_objective, shards)
-                train_acc = metrics.pop("pairs_correct") / max(metrics.pop("pairs"), 1.0)
-                tracker.log(
-                    {**{f"rm/{k}": v for k, v in metrics.items()}, "rm/train_accuracy": train_acc}
-                )
-                bar.update()
-                bar.set_postfix(_postfix(metrics["loss"], acc))
-            acc = heldout_accuracy(group, inputs, cfg.batch_size)
-            tracker.log({"rm/heldout_accuracy": acc, "rm/epoch": epoch + 1})
-            bar.set_postfix(_postfix(metrics["loss"], acc))
-        bar.close()
-        offset = demonstration_mean(group, inputs, cfg.batch_size)
+        return group
+
+    def before(group: LearnerGroup, state: dict[str, Any]) -> None:
+        state["heldout_acc"] = math.nan  # measured at the end of the first epoch
+
+    def step(group: LearnerGroup, state: dict[str, Any]) -> None:
+        epoch, i = divmod(state["step"], steps_per_epoch)
+        idx = shuffled_batches(len(inputs.train), cfg.batch_size, config.seed, epoch)[i]
+        batch = [inputs.train[j] for j in idx]
+        shards = [collate_comparisons(s, pad, len(batch)) for s in split_evenly(batch, group.ranks)]
+        metrics = group.train_step(rm_objective, shards)
+        train_acc = metrics.pop("pairs_correct") / max(metrics.pop("pairs"), 1.0)
+        tracker.log({**{f"rm/{k}": v for k, v in metrics.items()}, "rm/train_accuracy": train_acc})
+        state["loss"] = metrics["loss"]
+
+    def epoch_end(group: LearnerGroup, state: dict[str, Any]) -> None:
+        state["heldout_acc"] = heldout_accuracy(group, inputs, cfg.batch_size)
+        epoch = state["step"] // steps_per_epoch
+        tracker.log({"rm/heldout_accuracy": state["heldout_acc"], "rm/epoch": epoch})
+
+    def finish(group: LearnerGroup, state: dict[str, Any]) -> dict[str, float]:
+        state["offset"] = offset = demonstration_mean(group, inputs, cfg.batch_size)
         group.save(out, config_updates={"reward_offset": offset})
-        memory = group.peak_memory_gb()
-    results.update(
-        heldout_accuracy=acc, reward_offset=offset, train_loss=metrics["loss"], steps=float(total)
+        return {"memory_gb/learner": group.peak_memory_gb()}
+
+    figures, state = run_steps(
+        "rm",
+        cfg,
+        start_group,
+        StepHooks(before, step, epoch_end, finish, lambda s: _postfix(s["loss"], s["heldout_acc"])),
+        per_epoch=steps_per_epoch,
+        out=out,
+        resume=resume,
+        restart=restart,
+        log=log,
     )
-    results.update({"seconds": time.perf_counter() - started, "memory_gb/learner": memory})
+    acc, offset = state["heldout_acc"], state["offset"]
+    results.update(
+        heldout_accuracy=acc, reward_offset=offset, train_loss=state["loss"], steps=float(total)
+    )
+    results.update({"seconds": time.perf_counter() - started, **figures})
     ceiling = results.get("labeler_ceiling")
     log(
         f"rm: held-out pairwise accuracy {acc:.4f}"

@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from actors.learner import ModelSpec
+from actors.learner import LearnerGroup, ModelSpec
 from cluster.groups import split_evenly
 from trainers.common import evaluate, learner_group, optim_spec
 from trainers.config import RunConfig
@@ -21,7 +21,8 @@ from trainers.data import (
     shuffled_batches,
 )
 from trainers.objectives import sft_eval, sft_objective
-from trainers.tracking import Tracker, progress
+from trainers.steps import StepHooks, run_steps
+from trainers.tracking import Tracker
 
 
 @dataclass
@@ -63,17 +64,25 @@ def heldout_loss(group: Any, inputs: SFTInputs, batch_size: int) -> float:
 
 
 def train(
-    config: RunConfig, inputs: SFTInputs, out: Path, tracker: Tracker, log: Any = print
+    config: RunConfig,
+    inputs: SFTInputs,
+    out: Path,
+    tracker: Tracker,
+    log: Any = print,
+    resume: bool = False,
+    restart: bool = False,
 ) -> dict[str, float]:
-    """Train on the learner group and save `out` (a Hugging Face folder); returns the figures."""
+    """Train on the learner group and save `out` (a Hugging Face folder); returns the figures.
+    A rank that dies brings the group back from the stage's last checkpoint (trainers.steps)."""
     cfg = config.sft
     started = time.perf_counter()
     pad = inputs.tokenizer.pad_token_id
     steps_per_epoch = len(inputs.train) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
-    with learner_group(
-        config.learner, config.seed, "sft-learner", cfg.batch_size, config.ray, log
-    ) as group:
+
+    def start_group() -> LearnerGroup:
+        group = learner_group(config.learner, config.seed, "sft-learner", cfg.batch_size,
+                              config.ray, log)  # fmt: skip
         params = group.build(
             ModelSpec(inputs.model, trust_remote_code=config.trust_remote_code),
             optim_spec(cfg.optim, total),
@@ -82,32 +91,53 @@ def train(
             f"sft: {params:,} parameters on {group.ranks} rank(s), "
             f"ZeRO-{config.learner.zero_stage}; {len(inputs.train)} demonstrations, {total} steps"
         )
-        untrained = heldout_loss(group, inputs, cfg.batch_size)
-        tracker.log({"sft/heldout_loss": untrained, "sft/epoch": 0})
-        bar = progress(total, "sft")
-        metrics: dict[str, float] = {}
-        held = untrained
-        for epoch in range(cfg.epochs):
-            for idx in shuffled_batches(len(inputs.train), cfg.batch_size, config.seed, epoch):
-                batch = [inputs.train[i] for i in idx]
-                tokens = sum(sum(e["loss_mask"][1:]) for e in batch)
-                shards = [collate_sft(s, pad, tokens) for s in split_evenly(batch, group.ranks)]
-                metrics = group.train_step(sft_objective, shards)
-                tracker.log({f"sft/{k}": v for k, v in metrics.items()})
-                bar.update()
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", heldout=f"{held:.3f}")
-            held = heldout_loss(group, inputs, cfg.batch_size)
-            tracker.log({"sft/heldout_loss": held, "sft/epoch": epoch + 1})
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", heldout=f"{held:.3f}")
-        bar.close()
+        return group
+
+    def before(group: LearnerGroup, state: dict[str, Any]) -> None:
+        state["untrained"] = state["held"] = heldout_loss(group, inputs, cfg.batch_size)
+        tracker.log({"sft/heldout_loss": state["untrained"], "sft/epoch": 0})
+
+    def step(group: LearnerGroup, state: dict[str, Any]) -> None:
+        epoch, i = divmod(state["step"], steps_per_epoch)
+        idx = shuffled_batches(len(inputs.train), cfg.batch_size, config.seed, epoch)[i]
+        batch = [inputs.train[j] for j in idx]
+        tokens = sum(sum(e["loss_mask"][1:]) for e in batch)
+        shards = [collate_sft(s, pad, tokens) for s in split_evenly(batch, group.ranks)]
+        metrics = group.train_step(sft_objective, shards)
+        state["loss"] = metrics["loss"]
+        tracker.log({f"sft/{k}": v for k, v in metrics.items()})
+
+    def epoch_end(group: LearnerGroup, state: dict[str, Any]) -> None:
+        state["held"] = heldout_loss(group, inputs, cfg.batch_size)
+        tracker.log(
+            {"sft/heldout_loss": state["held"], "sft/epoch": state["step"] // steps_per_epoch}
+        )
+
+    def postfix(state: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{state['loss']:.3f}", "heldout": f"{state['held']:.3f}"}
+
+    def finish(group: LearnerGroup, state: dict[str, Any]) -> dict[str, float]:
         group.save(out)
-        memory = group.peak_memory_gb()
+        return {"memory_gb/learner": group.peak_memory_gb()}
+
+    figures, state = run_steps(
+        "sft",
+        cfg,
+        start_group,
+        StepHooks(before, step, epoch_end, finish, postfix),
+        per_epoch=steps_per_epoch,
+        out=out,
+        resume=resume,
+        restart=restart,
+        log=log,
+    )
+    held, untrained = state["held"], state["untrained"]
     log(f"sft: held-out loss {held:.4f} per token (untrained {untrained:.4f}); model in {out}")
     return {
         "heldout_loss": held,
         "untrained_loss": untrained,
-        "train_loss": metrics["loss"],
+        "train_loss": state["loss"],
         "steps": float(total),
         "seconds": time.perf_counter() - started,
-        "memory_gb/learner": memory,
+        **figures,
     }
