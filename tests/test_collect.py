@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -405,6 +409,31 @@ def test_collect_stage_samples_ranks_skips_when_done_and_resumes(
     two = load_config(TINY, [*overrides, "rollout.engines=2"])
     again = run(two, restart=True, log=lambda _: None)["collect"]
     assert again["resumed_prompts"] == 0
+    assert final.read_text().splitlines() == first_run
+
+    # the engine killed (SIGKILL, from outside) as soon as it is up: it is replaced and its
+    # chunks are drawn again with their seeds, so the comparisons are the same
+    killed: list[int] = []
+
+    def kill_the_engine() -> None:
+        from ray._private.state import actors
+
+        deadline = time.time() + 300
+        while not killed and time.time() < deadline:
+            for a in actors().values():
+                if a["ActorClassName"] == "RolloutEngine" and a["State"] == "ALIVE" and a["Pid"]:
+                    os.kill(a["Pid"], signal.SIGKILL)
+                    killed.append(a["Pid"])
+                    break
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_engine, daemon=True)
+    killer.start()
+    said.clear()
+    run(config, restart=True, log=said.append)
+    killer.join()
+    assert killed
+    assert any("collect: rollout rank 0 died or hangs" in s for s in said), said
     assert final.read_text().splitlines() == first_run
 
 

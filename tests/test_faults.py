@@ -4,11 +4,16 @@ run clearly."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
+import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,10 +134,6 @@ def test_a_killed_learner_rank_brings_the_groups_back_from_the_last_checkpoint(
     """A policy or critic rank killed at a random point after the first checkpoint: the groups
     go back to the last checkpoint within the run, which ends with every iteration done and the
     phase that the kill hit redone."""
-    import os
-    import signal
-    import time
-
     from ray._private.state import actors  # the GCS's actor table (no dashboard needed)
 
     from trainers.pipeline import run
@@ -186,10 +187,6 @@ def test_an_engine_killed_after_the_last_iteration_is_replaced_and_the_phase_red
     """The rollout engine killed as the final checkpoint is written, so that the evaluation
     after training (or, if it had already generated, the memory figures) meets a dead engine:
     it is replaced, the phase is redone, and the run ends with its figures."""
-    import os
-    import signal
-    import time
-
     from ray._private.state import actors
 
     from trainers.pipeline import run
@@ -224,3 +221,214 @@ def test_an_engine_killed_after_the_last_iteration_is_replaced_and_the_phase_red
     assert len(redone) == 1, lines
     assert redone[0].startswith(("ppo: evaluation after training:", "ppo: memory figures:"))
     assert (tmp_path / "run" / "ppo" / "policy" / "config.json").is_file()
+
+
+def _alive(actor_class: str) -> list[int]:
+    """The processes of this session's cluster's live actors of `actor_class`."""
+    from ray._private.state import actors  # the GCS's actor table (no dashboard needed)
+
+    live = [a for a in actors().values() if a["State"] == "ALIVE" and a["Pid"]]
+    return [a["Pid"] for a in live if a["ActorClassName"] == actor_class]
+
+
+class _Chaos:
+    """SIGKILLs a role's process from outside (as the OOM killer would) when the run reaches a
+    chosen point: a line of its log, or a checkpoint named in `latest`."""
+
+    def __init__(self, latest: Path, seed: int | None = None) -> None:
+        self.latest, self.rng = latest, random.Random(seed)
+        self.lines: list[str] = []
+        self.killed: list[str] = []
+        self.threads: list[threading.Thread] = []
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+    def kill(self, actor_class: str, after: Callable[[], bool]) -> None:
+        """Kill a live actor of `actor_class` once `after()` is true (then a random 0-0.5 s)."""
+
+        def watch() -> None:
+            deadline = time.time() + 1200
+            while not after() and time.time() < deadline:
+                time.sleep(0.02)
+            time.sleep(self.rng.uniform(0.0, 0.5))
+            while time.time() < deadline:
+                alive = _alive(actor_class)
+                if alive:
+                    os.kill(self.rng.choice(alive), signal.SIGKILL)
+                    self.killed.append(actor_class)
+                    return
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def said(self, start: str) -> Callable[[], bool]:
+        return lambda: any(line.startswith(start) for line in self.lines)
+
+    def at_checkpoint(self, iteration: int) -> Callable[[], bool]:
+        return self.at(self.latest, f"iter-{iteration:06d}")
+
+    @staticmethod
+    def at(latest: Path, name: str | None = None) -> Callable[[], bool]:
+        """True once `latest` names checkpoint `name` (any, if None)."""
+
+        def reached() -> bool:
+            try:
+                text = latest.read_text().strip()
+            except FileNotFoundError:
+                return False
+            return text == name if name else bool(text)
+
+        return reached
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=5)
+
+
+@pytest.mark.e2e
+def test_chaos_a_role_killed_in_every_phase_and_the_run_still_reaches_the_demo_bar(
+    demo_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One run of the demo's PPO stage in which role processes are killed at random moments of
+    each phase: the engine as the roles start and during the evaluation before training, the
+    reward actor and a learner rank during iterations, the engine during a weight sync, the
+    reference during the evaluation after training. The run ends, with every iteration done, the
+    prompts taken exactly once (the stream's position), and the demo's win-rate bar."""
+    import json
+
+    from trainers.pipeline import run
+    from trainers.rl.inputs import PromptStream
+    from trainers.rl.roles import Roles
+
+    demo, _ = demo_run
+    shutil.copytree(demo / "task", tmp_path / "run" / "task")
+    config = _config(
+        demo, tmp_path / "run", "ppo.checkpoint_every=10", "learner.collective_timeout_s=60"
+    )
+    chaos = _Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
+    chaos.kill("RolloutEngine", lambda: True)  # as the roles start
+    chaos.kill("RolloutEngine", chaos.said("ppo: 1 engine(s), policy on"))  # the first evaluation
+    chaos.kill("RewardModel", chaos.at_checkpoint(10))
+    chaos.kill("Learner", chaos.at_checkpoint(20))
+    chaos.kill("ReferencePolicy", chaos.at_checkpoint(60))  # the evaluation after training
+    submit_sync = Roles.submit_sync
+
+    def sync_under_fire(self: Roles, version: int) -> list[Any]:
+        receiving = submit_sync(self, version)
+        if version == 45 and "RolloutEngine during sync" not in chaos.killed:
+            # the engine dies while the weights are on their way to it
+            [engine] = _alive("RolloutEngine")
+            os.kill(engine, signal.SIGKILL)
+            chaos.killed.append("RolloutEngine during sync")
+        return receiving
+
+    monkeypatch.setattr(Roles, "submit_sync", sync_under_fire)
+    summary = run(config, log=chaos.log)
+    chaos.join()
+    lines = chaos.lines
+    assert sorted(chaos.killed) == sorted(
+        ["RolloutEngine", "RolloutEngine", "RewardModel", "Learner", "ReferencePolicy",
+         "RolloutEngine during sync"]
+    ), lines  # fmt: skip
+    ppo = summary["ppo"]
+    assert ppo["iterations"] == 60
+    assert ppo["winrate_vs_sft"] >= 0.75, ppo
+    # every iteration ran once in the trained history: the stream stands where 60 batches of
+    # prompts from the start leave it (none skipped, none taken twice)
+    driver = json.loads((tmp_path / "run" / "ppo" / "checkpoints" / "iter-000060" / "driver.json")
+                        .read_text())  # fmt: skip
+    stream = PromptStream(list(range(2000)), config.seed)
+    stream.take(60 * config.ppo.rollout_batch)
+    assert driver["stream"] == stream.state()
+    said = "\n".join(lines)
+    assert "lost a rank" in said and "bringing the groups back from" in said, said
+    assert "reward rank 0 died or hangs" in said, said
+    assert "ppo: evaluation after training: replaced reference[0]; redoing it" in said, said
+    assert ppo["faults/evaluation_after_training/redone"] == 1
+    assert ppo["faults/iteration/redone"] == 1 and ppo["faults/iteration/seconds"] > 0
+    assert (tmp_path / "run" / "ppo" / "policy" / "config.json").is_file()
+
+
+@pytest.mark.e2e
+def test_a_hung_reference_in_the_final_evaluation_is_found_at_its_deadline_and_replaced(
+    demo_run, short_eval, tmp_path: Path
+) -> None:
+    """SIGSTOP (hung, not dead): the reference stopped as the last checkpoint is written does not
+    answer the evaluation after training; at learner.collective_timeout_s it counts as dead, is
+    replaced, and the evaluation is done again."""
+    from trainers.pipeline import run
+
+    demo, _ = demo_run
+    shutil.copytree(demo / "task", tmp_path / "run" / "task")
+    config = _config(
+        demo,
+        tmp_path / "run",
+        "ppo.iterations=2",
+        "ppo.rollout_batch=32",
+        "learner.collective_timeout_s=15",
+        *short_eval,
+    )
+    chaos = _Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
+    stopped: list[int] = []
+
+    def stop_the_reference() -> None:
+        deadline = time.time() + 900
+        while not chaos.at_checkpoint(2)() and time.time() < deadline:
+            time.sleep(0.02)
+        [pid] = _alive("ReferencePolicy")
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    thread = threading.Thread(target=stop_the_reference, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    summary = run(config, log=chaos.log)
+    thread.join()
+    assert stopped
+    said = "\n".join(chaos.lines)
+    assert "reference rank 0 died or hangs" in said, said
+    assert "ppo: evaluation after training: replaced reference[0]; redoing it" in said, said
+    assert summary["ppo"]["faults/evaluation_after_training/redone"] == 1
+    assert time.perf_counter() - t0 > 15  # it waited for the deadline, no longer than needed
+    with pytest.raises(ProcessLookupError):  # the stopped process was ended, not left behind
+        for _ in range(100):
+            os.kill(stopped[0], 0)
+            time.sleep(0.1)
+
+
+@pytest.mark.e2e
+def test_learner_ranks_killed_in_sft_and_rm_come_back_from_the_stages_checkpoints(
+    demo_run, tmp_path: Path
+) -> None:
+    """The demo's SFT and RM stages, a learner rank killed in each after its first checkpoint:
+    each group comes back from it and does the steps after it again, in the same order, so the
+    stages end where the demo's uninterrupted ones did."""
+    from trainers.config import load_config
+    from trainers.pipeline import run
+
+    demo, demo_summary = demo_run
+    shutil.copytree(demo / "task", tmp_path / "run" / "task")
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [f"output_dir={tmp_path / 'run'}", "stages=[sft, rm]", "wandb.mode=disabled"],
+    )
+    chaos = _Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
+    sft_first = f"step-{2000 // config.sft.batch_size:06d}"  # the first epoch's end
+    chaos.kill("Learner", chaos.at(tmp_path / "run" / "sft" / "checkpoints" / "latest", sft_first))
+    chaos.kill("Learner", chaos.at(tmp_path / "run" / "rm" / "checkpoints" / "latest"))
+    summary = run(config, log=chaos.log)
+    chaos.join()
+    assert chaos.killed == ["Learner", "Learner"]
+    said = "\n".join(chaos.lines)
+    for stage in ("sft", "rm"):
+        assert f"a rank of the {stage}-learner group died or hangs" in said, said
+        assert summary[stage]["faults/learner_restarts"] == 1
+        assert not (tmp_path / "run" / stage / "checkpoints").exists()  # removed once saved
+    assert f"bringing it back from {tmp_path / 'run' / 'sft' / 'checkpoints' / sft_first}" in said
+    # the same steps in the same order: the demo's figures
+    for stage, key in (("sft", "heldout_loss"), ("sft", "untrained_loss"),
+                       ("rm", "heldout_accuracy"), ("rm", "reward_offset")):  # fmt: skip
+        assert summary[stage][key] == pytest.approx(demo_summary[stage][key], rel=1e-4), key
