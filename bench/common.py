@@ -5,10 +5,12 @@ downloaded) into bench/results/, which git ignores."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,35 @@ STANDARD = {
     "num_key_value_heads": 4,
     "vocab_size": 512,
 }
+
+
+def logs(name: str) -> Path:
+    """bench/results/logs/NAME/: where a benchmark's library chatter goes."""
+    return RESULTS / "logs" / name
+
+
+@contextlib.contextmanager
+def quiet(name: str) -> Iterator[None]:
+    """The warnings and log records of the libraries in this process (vLLM, transformers,
+    DeepSpeed, torch) go to bench/results/logs/NAME/driver.log, so the console shows the
+    benchmark's own lines and tables."""
+    from trainers.tracking import LibraryLog
+
+    # vLLM's own console handler off: its records go where the other libraries' go
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    library = LibraryLog(logs(name) / "driver.log")
+    print(f"{name}: what the libraries and actors print goes to {logs(name)}/")
+    try:
+        yield
+    finally:
+        library.close()
+
+
+def quiet_ray(name: str, address: str | None = None, **kwargs: Any) -> Any:
+    """A Ray runtime whose actors' output goes to bench/results/logs/NAME/actors.log."""
+    from cluster import RayRuntime
+
+    return RayRuntime(address, worker_log=logs(name) / "actors.log", **kwargs)
 
 
 def machine() -> dict[str, Any]:

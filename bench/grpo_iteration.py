@@ -18,18 +18,26 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
 
 from bench.common import (
     NEW_TOKENS,
     ROLLOUTS,
-    median,
+    quiet,
+    quiet_ray,
     standard_model,
     standard_prompts,
     table,
     write,
 )
-from bench.ppo_iteration import MINIBATCH, bench_config, reward_model, run_mode, train_alone
+from bench.ppo_iteration import (
+    MINIBATCH,
+    bench_config,
+    floor_rows,
+    floors,
+    phase_rows,
+    reward_model,
+    run_mode,
+)
 
 GROUP = 4  # samples per prompt
 
@@ -57,9 +65,6 @@ def main() -> None:
     ]
     import torch
 
-    from bench.rollout import vllm_alone
-    from cluster import RayRuntime
-
     torch.set_num_threads(1)  # the anchors were measured with one torch thread
     from transformers import AutoConfig
 
@@ -68,21 +73,15 @@ def main() -> None:
     prompts = standard_prompts(n_prompts, AutoConfig.from_pretrained(policy_dir).vocab_size)
     responses = [p for p in prompts for _ in range(GROUP)]  # the floors' 32 sequences
     eager = bench_config(policy_dir, rm_dir, args).rollout.enforce_eager
-    gen_floor = median(
-        vllm_alone(str(policy_dir), responses, args.repeats, eager, new_tokens=args.new_tokens)
-    )
-    train_floor = median(train_alone(policy_dir, responses, args.repeats, args.new_tokens))
-    with RayRuntime(None, num_cpus=os.cpu_count()):
+    gen_floor, train_floor = floors(policy_dir, responses, args, eager)
+    with quiet_ray("grpo_iteration", num_cpus=os.cpu_count()):
         r = run_mode(False, policy_dir, rm_dir, prompts, args)
     floor_sum = gen_floor + train_floor
-    p = r["phases"]
-    rows: list[list[Any]] = [
-        ["floor: engine alone, generate", gen_floor, ""],
-        ["floor: policy alone, train", train_floor, ""],
-        ["iteration", r["seconds"], f"{r['seconds'] / floor_sum:.2f}× sum of floors"],
-        *[[f"  {phase}", p[phase], ""] for phase in ("generate", "reward", "reference", "train")],
-        ["  weight_sync", p["weight_sync"], ""],
-    ]
+    rows = floor_rows(gen_floor, train_floor, eager, columns=3)
+    rows += phase_rows(
+        r, "iteration", ("generate", "reward", "reference", "train", "weight_sync"), 3
+    )
+    rows[2][2] = f"{r['seconds'] / floor_sum:.2f}× sum of floors"
     print(table(f"GRPO iteration of {Path(policy_dir).name}: {n_prompts} prompts × {GROUP} "
                 f"samples, {len(prompts[0])} → {args.new_tokens} new tokens, 1 epoch, minibatch "
                 f"{MINIBATCH}; median of {args.iterations} after {args.warmup} warm-up",
@@ -100,4 +99,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with quiet("grpo_iteration"):
+        main()

@@ -27,6 +27,8 @@ from bench.common import (
     ROOT,
     SEED,
     median,
+    quiet,
+    quiet_ray,
     save_model,
     standard_model,
     standard_prompts,
@@ -184,6 +186,39 @@ def run_mode(
     }
 
 
+PHASES = ("generate", "reward", "reference", "critic_forward", "train", "weight_sync")
+
+
+def floors(
+    policy_dir: Path, sequences: list[list[int]], args: Any, eager: bool
+) -> tuple[float, float]:
+    """The iteration's floors, each measured alone on the machine before the run: the engine
+    generating the sequences (vLLM in this process, with the run's engine setting) and the
+    policy training on them (plain torch, one process); medians, in seconds."""
+    from bench.rollout import vllm_alone
+
+    new = args.new_tokens
+    gen = median(vllm_alone(str(policy_dir), sequences, args.repeats, eager, new_tokens=new))
+    return gen, median(train_alone(policy_dir, sequences, args.repeats, new))
+
+
+def floor_rows(gen: float, train: float, eager: bool, columns: int) -> list[list[Any]]:
+    pad = [""] * (columns - 2)
+    mode = "eager" if eager else "compiled"
+    return [
+        [f"floor: engine alone, generate ({mode})", gen, *pad],
+        ["floor: policy alone, train", train, *pad],
+    ]
+
+
+def phase_rows(
+    r: dict[str, Any], label: str, phases: tuple[str, ...], columns: int
+) -> list[list[Any]]:
+    """An iteration's row and a row per phase (seconds, median)."""
+    pad = [""] * (columns - 2)
+    return [[label, r["seconds"], *pad], *[[f"  {k}", r["phases"][k], *pad] for k in phases]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=6, help="timed iterations per mode")
@@ -204,36 +239,23 @@ def main() -> None:
     ]
     import torch
 
-    from bench.rollout import vllm_alone
-    from cluster import RayRuntime
-
     torch.set_num_threads(1)  # the anchors were measured with one torch thread
     from transformers import AutoConfig
 
     policy_dir = Path(args.model) if args.model else standard_model()
     rm_dir = reward_model(policy_dir)
     prompts = standard_prompts(args.rollouts, AutoConfig.from_pretrained(policy_dir).vocab_size)
-    # the floors first, each alone on the machine; the engine's with the run's engine setting
     eager = bench_config(policy_dir, rm_dir, args).rollout.enforce_eager
-    gen_floor = median(
-        vllm_alone(str(policy_dir), prompts, args.repeats, eager, new_tokens=args.new_tokens)
-    )
-    train_floor = median(train_alone(policy_dir, prompts, args.repeats, args.new_tokens))
+    gen_floor, train_floor = floors(policy_dir, prompts, args, eager)
     results = {}
-    with RayRuntime(None, num_cpus=os.cpu_count()):
+    with quiet_ray("ppo_iteration", num_cpus=os.cpu_count()):
         for name, overlap in (("sync", False), ("overlapped", True)):
             results[name] = run_mode(overlap, policy_dir, rm_dir, prompts, args)
     sync, over = results["sync"], results["overlapped"]
     floor_sum, floor_max = gen_floor + train_floor, max(gen_floor, train_floor)
-    rows: list[list[Any]] = [
-        [f"floor: engine alone, generate ({'eager' if eager else 'compiled'})", gen_floor, "", ""],
-        ["floor: policy alone, train", train_floor, "", ""],
-    ]
+    rows = floor_rows(gen_floor, train_floor, eager, columns=4)
     for name, r in results.items():
-        p = r["phases"]
-        rows.append([f"{name}: iteration", r["seconds"], "", ""])
-        for phase in ("generate", "reward", "reference", "critic_forward", "train", "weight_sync"):
-            rows.append([f"  {phase}", p[phase], "", ""])
+        rows += phase_rows(r, f"{name}: iteration", PHASES, columns=4)
     rows[2][2] = f"{sync['seconds'] / floor_sum:.2f}× sum of floors"
     rows[2][3] = f"generation {sync['generation_share']:.0%}"
     over_row = next(i for i, r in enumerate(rows) if r[0] == "overlapped: iteration")
@@ -264,4 +286,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with quiet("ppo_iteration"):
+        main()

@@ -20,6 +20,8 @@ from bench.common import (
     ROLLOUTS,
     engine_group,
     median,
+    quiet,
+    quiet_ray,
     standard_model,
     standard_prompts,
     table,
@@ -63,11 +65,10 @@ def engine_in_actor(
     import ray
 
     from actors.rollout import Sampling
-    from cluster import RayRuntime
 
     sampling = Sampling(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     times = []
-    with RayRuntime(None, num_cpus=os.cpu_count()):
+    with quiet_ray("rollout", num_cpus=os.cpu_count()):
         t = time.perf_counter()
         with engine_group(model_dir, enforce_eager=enforce_eager) as engines:
             engines.call("get_version")  # the actor starts in the background: wait until it is up
@@ -158,4 +159,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with quiet("rollout"):
+        main()

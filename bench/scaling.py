@@ -17,14 +17,13 @@ import subprocess
 import sys
 from typing import Any
 
-from bench.common import NEW_TOKENS, ROLLOUTS, table, write
+from bench.common import NEW_TOKENS, ROLLOUTS, quiet, quiet_ray, table, write
 
 
 def measure(engines: int, args: Any) -> dict[str, Any]:
     """Runs in a driver that joined the cluster (`--join`): the PPO iterations' figures."""
     import bench.ppo_iteration as ppo_bench
     from bench.common import standard_model, standard_prompts
-    from cluster import RayRuntime
 
     policy_dir = standard_model()
     rm_dir = ppo_bench.reward_model(policy_dir)
@@ -39,7 +38,7 @@ def measure(engines: int, args: Any) -> dict[str, Any]:
         "reward.resources={head_node: 1}",
         "reference.resources={head_node: 1}",
     ]
-    with RayRuntime("auto"):
+    with quiet_ray("scaling", "auto"):
         result = ppo_bench.run_mode(
             False, policy_dir, rm_dir, standard_prompts(args.rollouts), args
         )
@@ -102,4 +101,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with quiet("scaling"):
+        main()

@@ -12,7 +12,7 @@ import argparse
 import os
 import time
 
-from bench.common import engine_group, median, standard_model, table, write
+from bench.common import engine_group, median, quiet, quiet_ray, standard_model, table, write
 
 METHODS = ("object_store", "broadcast")
 # (label, shape overrides of the standard model)
@@ -75,10 +75,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed syncs after one warm-up")
     parser.add_argument("--bucket-mb", type=float, default=64.0, help="broadcast bucket size")
     args = parser.parse_args()
-    from cluster import RayRuntime
 
     rows, out = [], []
-    with RayRuntime(None, num_cpus=os.cpu_count()):
+    with quiet_ray("weight_sync", num_cpus=os.cpu_count()):
         for label, shape in SIZES:
             model_dir = str(standard_model(**shape))
             for method in METHODS:
@@ -93,4 +92,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with quiet("weight_sync"):
+        main()
