@@ -185,8 +185,8 @@ CASES = [
     ("PPO reward model folder missing", {}, ["ppo.reward_model={d}/nowhere"], None,
      ["ppo.reward_model", "does not exist"]),
     ("reward function's module missing", {},
-     ['reward.sources=[{kind: function, target: "no_such_rewards:score"}]'], None,
-     ["reward.sources[0].target", "no_such_rewards", "PYTHONPATH"]),
+     ['reward.sources=[{kind: rm}, {kind: function, target: "no_such_rewards:score"}]'], None,
+     ["reward.sources[1].target", "no_such_rewards", "PYTHONPATH"]),
 ]  # fmt: skip
 
 
