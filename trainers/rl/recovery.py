@@ -108,8 +108,11 @@ class Recovery:
                 t0 = time.perf_counter()
                 try:
                     what = self.recover(phase, e)
-                except FAULTS as again:  # e.g. a replacement that died as it started: the
-                    # next try meets the dead actor and recovers again
+                except FAULTS as again:
+                    if again is e:  # no role died or hangs: a bug or bad data, not redone
+                        raise
+                    # e.g. a replacement that died as it started: the next try meets the dead
+                    # actor and recovers again
                     what = f"the recovery met another fault ({first_line(again)})"
                 self._count(phase, t0, f"{what}; redoing it")
         raise AssertionError("unreachable")
