@@ -517,8 +517,10 @@ class LearnerGroup:
         joins = [sender.join_weight_group.remote(address, world, backend, timeout_s)]
         joins += [a.join_weight_group.remote(address, world, backend, timeout_s)
                   for a in engines.actors]  # fmt: skip
-        self.group.get(joins[:1], "join_weight_group")
+        # the engines first: one that died ends the wait at once, while the sender would wait
+        # for it until its deadline
         engines.get(joins[1:], "join_weight_group")
+        self.group.get(joins[:1], "join_weight_group")
         self.weight_layout = self.group.call("weight_layout")[0]
         self.weight_members = [a._actor_id for a in engines.actors]
         self.weight_backend, self.weight_timeout_s = backend, timeout_s

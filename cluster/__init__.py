@@ -3,7 +3,16 @@
 Knows nothing of models or RL: `actors/` builds on it, `trainers/` drives it.
 """
 
-from cluster.groups import ActorGroup, PlacementError, RemoteCallError
+from cluster.faults import FAULTS, RemoteCallError, actor_fault, first_line
+from cluster.groups import ActorGroup, PlacementError
 from cluster.runtime import RayRuntime
 
-__all__ = ["ActorGroup", "PlacementError", "RayRuntime", "RemoteCallError"]
+__all__ = [
+    "FAULTS",
+    "ActorGroup",
+    "PlacementError",
+    "RayRuntime",
+    "RemoteCallError",
+    "actor_fault",
+    "first_line",
+]

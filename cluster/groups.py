@@ -27,13 +27,11 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.faults import RemoteCallError
+
 
 class PlacementError(RuntimeError):
     """The cluster cannot place a group: says what was asked for and what exists."""
-
-
-class RemoteCallError(RuntimeError):
-    """A call on a rank failed or missed its deadline; names the group, rank and method."""
 
 
 GiB = 1024**3
@@ -263,9 +261,8 @@ class ActorGroup:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left, fetch_local=False)
             if not ready:
                 rank = min(pending.values())
-                raise RemoteCallError(
-                    f"{self.name} rank {rank}: {method} did not finish within {deadline:.0f} s"
-                )
+                late = f"{self.name} rank {rank}: {method} did not finish within {deadline:.0f} s"
+                raise RemoteCallError(late) from GetTimeoutError(late)
             for ref in ready:
                 rank = pending.pop(ref)
                 try:

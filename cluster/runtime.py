@@ -65,7 +65,10 @@ class WorkerLog:
     this swaps the one that prints for one that writes `[HH:MM:SS] (actor pid=N) line` to the
     file, and swaps it back on `close`. The autoscaler's lines (nodes being added) stay on the
     console: they are the cluster's progress, not a library's chatter. Actors' failures still
-    reach the driver as exceptions, and the run's own lines are printed by the driver.
+    reach the driver as exceptions, and the run's own lines are printed by the driver; so
+    Ray's own notices of a worker's death (the raylet's "A worker died or was killed...", which
+    its driver prints outside the dispatcher) go to the file too: the run says on the console
+    which role died and what it redid.
     """
 
     NAME = "instructray_worker_log"
@@ -77,9 +80,13 @@ class WorkerLog:
         self._lock = threading.Lock()
         self._saved: list[Any] | None = None
         try:
+            from ray._private import worker
             from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
         except ImportError:  # another Ray: its printing stays as it is
             return
+        self._worker, self._print_notice = worker, getattr(worker, "print_to_stdstream", None)
+        if self._print_notice is not None:
+            worker.print_to_stdstream = self._notice
         self._dispatcher = dispatcher
         with dispatcher._lock:
             self._saved = list(dispatcher.handlers)
@@ -98,7 +105,17 @@ class WorkerLog:
             if self._file is not None:
                 self._file.writelines(f"{prefix} {line}\n" for line in data.get("lines", []))
 
+    def _notice(self, data: dict[str, Any], ignore_prefix: bool) -> None:
+        """Ray's driver prints the raylet's notices (a worker died) with this: to the file."""
+        if data.get("pid") == "raylet":
+            self._handle(data)
+        elif self._print_notice is not None:
+            self._print_notice(data, ignore_prefix)
+
     def close(self) -> None:
+        if getattr(self, "_print_notice", None) is not None:
+            self._worker.print_to_stdstream = self._print_notice
+            self._print_notice = None
         if self._saved is not None:
             with self._dispatcher._lock:
                 self._dispatcher.handlers = self._saved

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -101,6 +103,14 @@ class _Chatty:
         sys.stdout.flush()
         return n
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def nap(self, seconds: float) -> None:
+        time.sleep(seconds)
+
 
 @pytest.mark.integration
 def test_what_actors_print_goes_to_the_run_log_not_the_console(
@@ -119,11 +129,22 @@ def test_what_actors_print_goes_to_the_run_log_not_the_console(
             if "engine chatter 2" in text and "library warning 2" in text:
                 break
             time.sleep(0.5)
-        ray.kill(actor)
+        # a worker killed from outside as it works: Ray's notice of it goes to the file too
+        pid = ray.get(actor.pid.remote())
+        napping = actor.nap.remote(60)
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(napping, timeout=60)
+        deadline = time.time() + 30
+        while time.time() < deadline and "A worker died" not in path.read_text():
+            time.sleep(0.5)
     finally:
         route.close()
     text = path.read_text()
     assert "engine chatter 2" in text and "library warning 2" in text
     assert "_Chatty pid=" in text
+    assert "A worker died or was killed" in text
     out, err = capfd.readouterr()
     assert "engine chatter" not in out + err and "library warning" not in out + err
+    assert "A worker died" not in out + err

@@ -150,12 +150,41 @@ def test_a_finished_stage_is_reused_and_never_overwritten_silently(demo_run) -> 
     said: list[str] = []
     assert run(config, log=said.append) == summary
     assert any("sft: finished before with the same settings" in s for s in said)
+    # how a stage survives faults is not what it computed: other such settings reuse it too
+    recovery = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [f"output_dir={out}", "wandb.mode=disabled", "sft.checkpoint_every=3",
+         "rm.learner_restarts=1", "ppo.chunk_retries=5", "learner.collective_timeout_s=90"],
+    )  # fmt: skip
+    said.clear()
+    assert run(recovery, log=said.append) == summary
+    assert sum("finished before with the same settings" in s for s in said) == 3
     changed = load_config(
         ROOT / "configs" / "tiny.yaml", [f"output_dir={out}", "wandb.mode=disabled", "sft.epochs=1"]
     )
     with pytest.raises(StageConflict, match=r"sft stage run with other settings \(sft differ"):
         run(changed)
     assert (out / "sft" / "model" / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.unit
+def test_a_stage_record_ignores_only_the_settings_of_fault_recovery(tmp_path: Path) -> None:
+    """A record written before a recovery setting existed, or with another value of one, is the
+    same finished work; any other setting that differs is not."""
+    from trainers.common import StageRecord
+
+    old = {"sft": {"lr": 1e-3, "epochs": 2}, "learner": {"ranks": 2}, "seed": 0}
+    StageRecord(tmp_path, old).write({"sft/loss": 1.5})
+    now = {
+        "sft": {"lr": 1e-3, "epochs": 2, "checkpoint_every": 7, "learner_restarts": 1},
+        "learner": {"ranks": 2, "collective_timeout_s": 60.0},
+        "seed": 0,
+    }
+    assert StageRecord(tmp_path, now).finished() == {"sft/loss": 1.5}
+    assert StageRecord(tmp_path, now).differences() == []
+    other = {**now, "sft": {**now["sft"], "epochs": 3}}
+    assert StageRecord(tmp_path, other).finished() is None
+    assert StageRecord(tmp_path, other).differences() == ["sft"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

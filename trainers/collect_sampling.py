@@ -89,7 +89,7 @@ def _sample(
     from ray.exceptions import RayActorError, RayTaskError
 
     from actors.rollout import Sampling
-    from cluster import RemoteCallError
+    from cluster import RemoteCallError, actor_fault
 
     cfg = config.collect
     k = cfg.samples_per_prompt
@@ -134,7 +134,7 @@ def _sample(
                 try:
                     samples = ray.get(ready[0])
                 except (RayActorError, RayTaskError) as e:
-                    if not _died(e):
+                    if not actor_fault(e):
                         raise RemoteCallError(
                             f"collect: rollout rank {rank}: generate failed: {e}"
                         ) from e
@@ -171,12 +171,3 @@ def _sample(
         bar.close()
         engines.shutdown()
     return tokens, seconds
-
-
-def _died(e: BaseException) -> bool:
-    """The engine's process died (not a failure of the call itself)."""
-    from ray.exceptions import RayActorError, RayTaskError
-
-    return isinstance(e, RayActorError) or (
-        isinstance(e, RayTaskError) and isinstance(getattr(e, "cause", None), RayActorError)
-    )

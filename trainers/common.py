@@ -185,11 +185,35 @@ def fingerprint(*paths: str | Path) -> dict[str, list[int]]:
     return out
 
 
+# Settings that decide how a stage survives faults and how often it saves, never what it
+# computes: a finished stage is the same work whatever they were (and a record written before
+# one of them existed still matches).
+RECOVERY_FIELDS = frozenset(
+    {
+        "checkpoint_every",
+        "keep_checkpoints",
+        "learner_restarts",
+        "chunk_retries",
+        "placement_timeout_s",
+        "collective_timeout_s",
+        "autoscaling_timeout_s",
+    }
+)
+
+
+def _outcome(settings: Any) -> Any:
+    """`settings` without RECOVERY_FIELDS, at any depth."""
+    if isinstance(settings, dict):
+        return {k: _outcome(v) for k, v in settings.items() if k not in RECOVERY_FIELDS}
+    return settings
+
+
 class StageRecord:
     """`<run>/<stage>/stage.json`: the settings a stage ran with and the figures it reached.
 
     A finished stage with the same settings is not run again; with other settings the run stops
-    (unless restarted) rather than overwrite finished work.
+    (unless restarted) rather than overwrite finished work. The settings of RECOVERY_FIELDS are
+    recorded but not compared.
     """
 
     def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
@@ -200,17 +224,16 @@ class StageRecord:
         if not self.path.is_file():
             return None
         record = json.loads(self.path.read_text())
-        if record.get("settings") == self.settings:
+        if _outcome(record.get("settings")) == _outcome(self.settings):
             return dict(record["metrics"])
         return None
 
     def differences(self) -> list[str]:
         if not self.path.is_file():
             return []
-        old = json.loads(self.path.read_text()).get("settings", {})
-        return sorted(
-            k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k)
-        )
+        old = _outcome(json.loads(self.path.read_text()).get("settings", {}))
+        new = _outcome(self.settings)
+        return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
     def write(self, metrics: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,14 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
 from actors.learner import LearnerGroup
-from cluster import RemoteCallError
+from cluster import FAULTS, first_line
 from trainers.checkpoints import Checkpoints
 from trainers.tracking import progress
-
-FAULTS = (RayActorError, RayTaskError, GetTimeoutError, RemoteCallError)
 
 
 class StageFailed(RuntimeError):
@@ -78,10 +74,10 @@ def run_steps(
                 if attempt == learner_restarts:
                     raise StageFailed(
                         f"{stage}: the learner group failed to start {attempt + 1} times "
-                        f"({_first_line(e)}); the last good checkpoint is "
+                        f"({first_line(e)}); the last good checkpoint is "
                         f"{checkpoints.latest() or 'none yet'}"
                     ) from e
-                log(f"{stage}: a rank died or hangs as the group starts ({_first_line(e)}); "
+                log(f"{stage}: a rank died or hangs as the group starts ({first_line(e)}); "
                     "starting it again")  # fmt: skip
         raise AssertionError("unreachable")
 
@@ -123,7 +119,7 @@ def run_steps(
                     ) from e
                 log(
                     f"{stage}: step {state['step'] + 1}: a rank of the {group.group.name} group "
-                    f"died or hangs ({_first_line(e)}); bringing it back from "
+                    f"died or hangs ({first_line(e)}); bringing it back from "
                     f"{last or 'the start'}"
                 )
                 group.shutdown()
@@ -144,8 +140,3 @@ def run_steps(
     finally:
         bar.close()
         group.shutdown()
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]

@@ -20,17 +20,16 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
-from cluster import RemoteCallError
+from cluster import FAULTS as ACTOR_FAULTS
+from cluster import actor_fault, first_line
 from trainers.config import RunConfig
 from trainers.rl.checkpoints import Checkpoints
 from trainers.rl.inputs import RLInputs
-from trainers.rl.roles import LearnerFault, Roles, actor_fault, first_line
+from trainers.rl.roles import LearnerFault, Roles
 from trainers.rl.state import DriverState
 
 T = TypeVar("T")
-FAULTS = (RayActorError, RayTaskError, GetTimeoutError, RemoteCallError, LearnerFault)
+FAULTS = (*ACTOR_FAULTS, LearnerFault)
 
 
 class PhaseFailed(RuntimeError):
@@ -121,13 +120,14 @@ class Recovery:
         """Replace the dead or hung actors, and bring the learner groups back if one lost a
         rank; says what was done. `cause` is raised again if it is no role's death or hang (a
         bug, bad data: doing the phase again would fail the same way)."""
-        replaced = self.roles.replace_dead(self.state.iteration, cause)
         dead = self.roles.dead_learners()
         if dead:
-            self.learners_lost(phase, cause, dead, counted=False)
+            replaced = self.learners_lost(phase, cause, dead, counted=False)
             replaced.append(f"the {' and '.join(dead)} group")
-        elif not replaced and not actor_fault(cause):
-            raise cause
+        else:
+            replaced = self.roles.replace_dead(self.state.iteration, cause)
+            if not replaced and not actor_fault(cause):
+                raise cause
         return f"replaced {', '.join(replaced)}" if replaced else "nothing to replace"
 
     def learners_lost(
@@ -136,7 +136,7 @@ class Recovery:
         cause: BaseException,
         dead: list[str] | None = None,
         counted: bool = True,
-    ) -> None:
+    ) -> list[str]:
         """The groups go back to the last checkpoint after a fault that `phase` could not absorb
         itself: a policy or critic rank that died or hangs (its group starts again first), or an
         actor that died again while it was being replaced. `cause` again if no role's process
@@ -159,7 +159,9 @@ class Recovery:
             f"ppo: {phase}: {who} ({first_line(cause)}); bringing the groups back from "
             f"{last or 'the start'}"
         )
-        self.roles.replace_dead(self.state.iteration, cause)  # an engine must take the weights
+        # the other dead actors are replaced first (a new engine joins the restarted policy's
+        # weight group), and every engine takes the weights the groups come back with
+        replaced = self.roles.replace_dead(self.state.iteration, cause, with_weights=False)
         if last is None:
             self.roles.restart_learners(self.roles.learner_names)
             self.roles.sync_weights(0)
@@ -169,6 +171,7 @@ class Recovery:
             self.state.restore(self.checkpoints.load(last, self.roles), self.config, self.roles)
         if counted:
             self._count(phase, t0, f"back at iteration {self.state.iteration}")
+        return replaced
 
     def _count(self, phase: str, t0: float, what: str) -> None:
         lost = time.perf_counter() - t0

@@ -6,13 +6,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.joiner import Joiner
 from actors.learner import LearnerGroup, ModelSpec
 from actors.reward_fn import RewardFunction
 from actors.scorers import ReferencePolicy, RewardModel
-from cluster import ActorGroup, RemoteCallError
+from cluster import ActorGroup, actor_fault, first_line
 from trainers.common import autoscaling_timeout, engine_group, learner_group, optim_spec
 from trainers.config import RunConfig
 from trainers.rl.inputs import RLInputs
@@ -134,9 +133,12 @@ class Roles:
             self.groups.remove(old)
         self._learners(names)
 
-    def replace_dead(self, version: int, cause: BaseException) -> list[str]:
+    def replace_dead(
+        self, version: int, cause: BaseException, with_weights: bool = True
+    ) -> list[str]:
         """Replace every engine, reward, reference or joiner actor that died or hangs (a new
-        actor in its place; an engine also gets the policy's current weights, as `version`).
+        actor in its place; an engine also gets the policy's current weights, as `version`,
+        unless `with_weights` is False: the policy is coming back and syncs them after).
         Returns what was replaced."""
         replaced = []
         for group in self.actor_groups():
@@ -146,7 +148,7 @@ class Roles:
                 self.log(f"ppo: {group.name} rank {rank} died or hangs ({first_line(cause)}); "
                          "replacing it")  # fmt: skip
                 actor = group.replace(rank)
-                if group is self.engines:
+                if group is self.engines and with_weights:
                     weights = self.policy.publish_weights()
                     ray.get(
                         actor.load_weights.remote(weights, version), timeout=group.call_timeout_s
@@ -155,17 +157,16 @@ class Roles:
         return replaced
 
     def recover(self, version: int, cause: BaseException) -> list[str]:
-        """`replace_dead`; if nothing was replaced: a LearnerFault if a policy or critic rank
-        died or hangs (the stage's Recovery brings the groups back from a checkpoint); else, if
-        `cause` is no actor's death or hang (a bug, bad data), `cause` again: it would fail the
-        same way when issued again."""
+        """A LearnerFault if a policy or critic rank died or hangs (the stage's Recovery
+        brings the groups back from a checkpoint, and replaces the other dead actors then);
+        else `replace_dead`, and if nothing was replaced and `cause` is no actor's death or
+        hang (a bug, bad data), `cause` again: it would fail the same way when issued again."""
+        dead = self.dead_learners()
+        if dead:
+            raise LearnerFault(f"{' and '.join(dead)}: a rank died or hangs") from cause
         replaced = self.replace_dead(version, cause)
-        if not replaced:
-            dead = self.dead_learners()
-            if dead:  # a learner group comes back from a checkpoint: the Recovery does it
-                raise LearnerFault(f"{' and '.join(dead)}: a rank died or hangs") from cause
-            if not actor_fault(cause):
-                raise cause
+        if not replaced and not actor_fault(cause):
+            raise cause
         return replaced
 
     def submit_sync(self, version: int) -> list[Any]:
@@ -290,17 +291,3 @@ def weight_sync_method(config: RunConfig) -> str:
     parameters (gloo). On GPUs (NCCL) it is what the field uses; not measured here yet."""
     method = config.rollout.weight_sync
     return "broadcast" if method == "auto" else method
-
-
-def actor_fault(e: BaseException) -> bool:
-    """An actor died or hung (a call on an actor that has since been replaced fails so too)."""
-    while isinstance(e, RemoteCallError) and e.__cause__ is not None:
-        e = e.__cause__
-    if isinstance(e, (RayActorError, GetTimeoutError)):
-        return True
-    return isinstance(e, RayTaskError) and isinstance(getattr(e, "cause", None), RayActorError)
-
-
-def first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]

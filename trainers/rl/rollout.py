@@ -14,13 +14,13 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.rollout import Sampling
-from cluster import RemoteCallError
+from cluster import RemoteCallError, first_line
 from trainers.config import PPOConfig, RunConfig
 from trainers.experience import make_experience
 from trainers.objectives import learner_logprobs, sample_values
 from trainers.ppo_math import FixedKLController, RunningMoments
 from trainers.rl.inputs import PromptStream
-from trainers.rl.roles import Roles, first_line
+from trainers.rl.roles import Roles
 
 # Engines are reseeded from here up at each iteration; the evaluation's seeds are below it.
 TRAIN_SEED_BASE = 1_000_000_007
