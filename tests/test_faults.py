@@ -36,6 +36,72 @@ def _config(demo: Path, out: Path, *extra: str):
     )
 
 
+def _alive(actor_class: str) -> list[int]:
+    """The processes of this session's cluster's live actors of `actor_class`."""
+    from ray._private.state import actors  # the GCS's actor table (no dashboard needed)
+
+    live = [a for a in actors().values() if a["State"] == "ALIVE" and a["Pid"]]
+    return [a["Pid"] for a in live if a["ActorClassName"] == actor_class]
+
+
+class _Chaos:
+    """SIGKILLs a role's process from outside (as the OOM killer would) when the run reaches a
+    chosen point: a line of its log, or a checkpoint named in `latest`."""
+
+    def __init__(self, latest: Path, seed: int | None = None) -> None:
+        self.latest, self.rng = latest, random.Random(seed)
+        self.lines: list[str] = []
+        self.killed: list[str] = []
+        self.threads: list[threading.Thread] = []
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+    def kill(self, actor_class: str, after: Callable[[], bool], jitter: float = 0.5) -> None:
+        """Kill a live actor of `actor_class` once `after()` is true (then a random 0 to
+        `jitter` s later)."""
+
+        def watch() -> None:
+            deadline = time.time() + 1200
+            while not after() and time.time() < deadline:
+                time.sleep(0.02)
+            time.sleep(self.rng.uniform(0.0, jitter))
+            while time.time() < deadline:
+                alive = _alive(actor_class)
+                if alive:
+                    os.kill(self.rng.choice(alive), signal.SIGKILL)
+                    self.killed.append(actor_class)
+                    return
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def said(self, start: str) -> Callable[[], bool]:
+        return lambda: any(line.startswith(start) for line in self.lines)
+
+    def at_checkpoint(self, iteration: int) -> Callable[[], bool]:
+        return self.at(self.latest, f"iter-{iteration:06d}")
+
+    @staticmethod
+    def at(latest: Path, name: str | None = None) -> Callable[[], bool]:
+        """True once `latest` names checkpoint `name` (any, if None)."""
+
+        def reached() -> bool:
+            try:
+                text = latest.read_text().strip()
+            except FileNotFoundError:
+                return False
+            return text == name if name else bool(text)
+
+        return reached
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=5)
+
+
 @pytest.mark.integration
 def test_killed_engine_reward_reference_and_joiner_actors_are_replaced_and_nothing_is_lost(
     demo_run, tmp_path: Path
@@ -134,8 +200,6 @@ def test_a_killed_learner_rank_brings_the_groups_back_from_the_last_checkpoint(
     """A policy or critic rank killed at a random point after the first checkpoint: the groups
     go back to the last checkpoint within the run, which ends with every iteration done and the
     phase that the kill hit redone."""
-    from ray._private.state import actors  # the GCS's actor table (no dashboard needed)
-
     from trainers.pipeline import run
 
     demo, _ = demo_run
@@ -149,28 +213,13 @@ def test_a_killed_learner_rank_brings_the_groups_back_from_the_last_checkpoint(
         "learner.collective_timeout_s=60",
         *short_eval,
     )
-    latest = tmp_path / "run" / "ppo" / "checkpoints" / "latest"
-    rng = random.Random()
-    killed: list[int] = []
-
-    def kill_a_learner() -> None:
-        deadline = time.time() + 900
-        while not latest.exists() and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.0))  # somewhere in iteration 3
-        # this session's cluster: the live Learner actors are this run's policy and critic ranks
-        learners = [a for a in actors().values()
-                    if a["ActorClassName"] == "Learner" and a["State"] == "ALIVE"]  # fmt: skip
-        victim = rng.choice(learners)["Pid"]
-        killed.append(victim)
-        os.kill(victim, signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_a_learner)
-    killer.start()
+    # a policy or critic rank of this run, somewhere in iteration 3 (after the first checkpoint)
+    chaos = _Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
+    chaos.kill("Learner", chaos.at(chaos.latest), jitter=1.0)
     lines: list[str] = []
     summary = run(config, log=lines.append)
-    killer.join()
-    assert killed
+    chaos.join()
+    assert chaos.killed == ["Learner"]
     assert summary["ppo"]["iterations"] == 4
     said = [line for line in lines if "lost a rank" in line]
     assert len(said) == 1, lines
@@ -187,8 +236,6 @@ def test_an_engine_killed_after_the_last_iteration_is_replaced_and_the_phase_red
     """The rollout engine killed as the final checkpoint is written, so that the evaluation
     after training (or, if it had already generated, the memory figures) meets a dead engine:
     it is replaced, the phase is redone, and the run ends with its figures."""
-    from ray._private.state import actors
-
     from trainers.pipeline import run
 
     demo, _ = demo_run
@@ -196,96 +243,17 @@ def test_an_engine_killed_after_the_last_iteration_is_replaced_and_the_phase_red
     config = _config(
         demo, tmp_path / "run", "ppo.iterations=2", "ppo.rollout_batch=32", *short_eval
     )
-    latest = tmp_path / "run" / "ppo" / "checkpoints" / "latest"
-    killed: list[int] = []
-
-    def kill_the_engine() -> None:
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            if latest.exists() and latest.read_text().strip() == "iter-000002":
-                break
-            time.sleep(0.02)
-        alive = [a for a in actors().values() if a["State"] == "ALIVE"]
-        [engine] = [a for a in alive if a["ActorClassName"] == "RolloutEngine"]
-        killed.append(engine["Pid"])
-        os.kill(engine["Pid"], signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_the_engine)
-    killer.start()
+    chaos = _Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
+    chaos.kill("RolloutEngine", chaos.at_checkpoint(2), jitter=0.0)
     lines: list[str] = []
     summary = run(config, log=lines.append)
-    killer.join()
-    assert killed
+    chaos.join()
+    assert chaos.killed == ["RolloutEngine"]
     assert summary["ppo"]["iterations"] == 2 and summary["ppo"]["winrate_vs_sft"] >= 0.0
     redone = [line for line in lines if "replaced rollout[0]; redoing it" in line]
     assert len(redone) == 1, lines
     assert redone[0].startswith(("ppo: evaluation after training:", "ppo: memory figures:"))
     assert (tmp_path / "run" / "ppo" / "policy" / "config.json").is_file()
-
-
-def _alive(actor_class: str) -> list[int]:
-    """The processes of this session's cluster's live actors of `actor_class`."""
-    from ray._private.state import actors  # the GCS's actor table (no dashboard needed)
-
-    live = [a for a in actors().values() if a["State"] == "ALIVE" and a["Pid"]]
-    return [a["Pid"] for a in live if a["ActorClassName"] == actor_class]
-
-
-class _Chaos:
-    """SIGKILLs a role's process from outside (as the OOM killer would) when the run reaches a
-    chosen point: a line of its log, or a checkpoint named in `latest`."""
-
-    def __init__(self, latest: Path, seed: int | None = None) -> None:
-        self.latest, self.rng = latest, random.Random(seed)
-        self.lines: list[str] = []
-        self.killed: list[str] = []
-        self.threads: list[threading.Thread] = []
-
-    def log(self, line: str) -> None:
-        self.lines.append(line)
-
-    def kill(self, actor_class: str, after: Callable[[], bool]) -> None:
-        """Kill a live actor of `actor_class` once `after()` is true (then a random 0-0.5 s)."""
-
-        def watch() -> None:
-            deadline = time.time() + 1200
-            while not after() and time.time() < deadline:
-                time.sleep(0.02)
-            time.sleep(self.rng.uniform(0.0, 0.5))
-            while time.time() < deadline:
-                alive = _alive(actor_class)
-                if alive:
-                    os.kill(self.rng.choice(alive), signal.SIGKILL)
-                    self.killed.append(actor_class)
-                    return
-                time.sleep(0.02)
-
-        thread = threading.Thread(target=watch, daemon=True)
-        thread.start()
-        self.threads.append(thread)
-
-    def said(self, start: str) -> Callable[[], bool]:
-        return lambda: any(line.startswith(start) for line in self.lines)
-
-    def at_checkpoint(self, iteration: int) -> Callable[[], bool]:
-        return self.at(self.latest, f"iter-{iteration:06d}")
-
-    @staticmethod
-    def at(latest: Path, name: str | None = None) -> Callable[[], bool]:
-        """True once `latest` names checkpoint `name` (any, if None)."""
-
-        def reached() -> bool:
-            try:
-                text = latest.read_text().strip()
-            except FileNotFoundError:
-                return False
-            return text == name if name else bool(text)
-
-        return reached
-
-    def join(self) -> None:
-        for thread in self.threads:
-            thread.join(timeout=5)
 
 
 @pytest.mark.e2e

@@ -65,12 +65,22 @@ def run_steps(
     bar = progress(total, stage)
     initial: dict[str, Any] = {"step": 0}
 
-    def started() -> LearnerGroup:
-        """A group whose rank died or hung as it started (or loaded) starts again."""
+    def begin(last: Path | None) -> tuple[LearnerGroup, dict[str, Any]]:
+        """A group at checkpoint `last` (or the start) and its state; one whose rank died or
+        hung as it started or loaded starts again."""
         for attempt in range(learner_restarts + 1):
+            group = None
             try:
-                return start_group()
+                group = start_group()
+                state = (
+                    checkpoints.load(last, {"learner": group})
+                    if last is not None
+                    else copy.deepcopy(initial)
+                )
+                return group, state
             except FAULTS as e:
+                if group is not None:
+                    group.shutdown()
                 if attempt == learner_restarts:
                     raise StageFailed(
                         f"{stage}: the learner group failed to start {attempt + 1} times "
@@ -81,12 +91,10 @@ def run_steps(
                     "starting it again")  # fmt: skip
         raise AssertionError("unreachable")
 
-    group = started()
+    group, state = begin(latest)
     faults = {"faults/learner_restarts": 0.0, "faults/recovery_seconds": 0.0}
     try:
-        state = copy.deepcopy(initial)
         if latest is not None:
-            state = checkpoints.load(latest, {"learner": group})
             log(f"{stage}: resumed from {latest} after step {state['step']}")
         bar.update(state["step"])
         while True:
@@ -123,12 +131,7 @@ def run_steps(
                     f"{last or 'the start'}"
                 )
                 group.shutdown()
-                group = started()
-                state = (
-                    checkpoints.load(last, {"learner": group})
-                    if last is not None
-                    else copy.deepcopy(initial)
-                )
+                group, state = begin(last)
                 faults["faults/learner_restarts"] += 1
                 faults["faults/recovery_seconds"] += time.perf_counter() - t0
                 log(
