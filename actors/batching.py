@@ -7,6 +7,7 @@ for every row. Position ids count real tokens only, so padding never shifts a po
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -37,17 +38,44 @@ def pack(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     }
 
 
-def response_logprobs(
-    logits: torch.Tensor, batch: dict[str, Any], temperature: float = 1.0
-) -> torch.Tensor:
-    """(B, A) log-probs of the response tokens from a causal LM's logits over a packed batch, at
-    the sampling temperature (the distribution the engine sampled from)."""
+def response_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """(B, A, V): a causal LM's outputs that choose the response tokens of a packed batch
+    (columns P − 1 to P + A − 2), computed only there: the LM head (49,152 outputs a token on
+    SmolLM2) is not applied at prompt positions. transformers' `logits_to_keep` keeps the last
+    A + 1 columns; a model without it computes them all and they are sliced."""
     p, a = batch["prompt_width"], batch["response_mask"].shape[1]
-    scoring = logits[:, p - 1 : p - 1 + a].float()  # (B, A, V): the outputs that choose them
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "position_ids": batch["position_ids"],
+    }
+    if _keeps_logits(model):
+        return model(**inputs, logits_to_keep=a + 1).logits[:, :a]
+    return model(**inputs).logits[:, p - 1 : p - 1 + a]
+
+
+def _keeps_logits(model: Any) -> bool:
+    """The model's forward takes `logits_to_keep` (a DeepSpeed engine: its module's)."""
+    forward = getattr(model, "module", model).forward
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def response_logprobs(
+    scoring: torch.Tensor, batch: dict[str, Any], temperature: float = 1.0
+) -> torch.Tensor:
+    """(B, A) log-probs of the response tokens of a packed batch, from `response_logits`'s
+    (B, A, V), at the sampling temperature (the distribution the engine sampled from). The
+    chosen token's logit minus the log-sum-exp: no second (B, A, V) tensor of log-probs."""
+    p, a = batch["prompt_width"], batch["response_mask"].shape[1]
+    scoring = scoring.float()
     if temperature != 1.0:
         scoring = scoring / temperature
     tokens = batch["input_ids"][:, p : p + a]  # (B, A)
-    return torch.log_softmax(scoring, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    chosen = scoring.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen - torch.logsumexp(scoring, dim=-1)
 
 
 def sample_logprobs(model: Any, batch: dict[str, Any], temperature: float) -> list[list[float]]:
@@ -55,12 +83,7 @@ def sample_logprobs(model: Any, batch: dict[str, Any], temperature: float) -> li
     temperature: what the engine reports for the tokens it sampled, what the reference policy
     gives for the KL penalty and the learner for decoupled PPO (one function, so that all three
     agree by construction). `batch` is a packed batch on the model's device."""
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-    ).logits
-    return unpack_rows(response_logprobs(logits, batch, temperature), batch)
+    return unpack_rows(response_logprobs(response_logits(model, batch), batch, temperature), batch)
 
 
 def unpack_rows(values: torch.Tensor, batch: dict[str, Any]) -> list[list[float]]:

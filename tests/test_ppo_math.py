@@ -237,3 +237,50 @@ def test_normalize_scores_scales_then_clips() -> None:
 
     out = normalize_scores(torch.tensor([1.0, -4.0, 10.0]), scale=2.0, clip=3.0)
     torch.testing.assert_close(out, torch.tensor([0.5, -2.0, 3.0]))
+
+
+def test_response_logprobs_skip_the_prompt_positions_and_match_the_full_log_softmax() -> None:
+    """The LM head is applied at the response's scoring positions only (transformers'
+    logits_to_keep), and the log-probs are the full vocabulary's log-softmax there, at any
+    temperature; a model whose forward lacks logits_to_keep gives the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from actors.batching import pack, response_logits, response_logprobs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, pad_token_id=0,
+        )
+    ).eval()  # fmt: skip
+    samples = [
+        {"prompt_ids": [5, 9, 11, 3], "response_ids": [7, 8, 2]},
+        {"prompt_ids": [4, 6], "response_ids": [12, 13, 14, 15, 2]},
+    ]
+    batch = pack(samples, pad_id=0)
+    p, a = batch["prompt_width"], batch["response_mask"].shape[1]
+    with torch.no_grad():
+        full = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits
+        kept = response_logits(model, batch)
+
+        class _Plain(torch.nn.Module):  # a causal LM without logits_to_keep
+            def forward(self, input_ids, attention_mask, position_ids):  # type: ignore[no-untyped-def]
+                return model(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+                )
+
+        plain = response_logits(_Plain(), batch)
+    assert kept.shape == (2, a, 96)
+    torch.testing.assert_close(kept, full[:, p - 1 : p - 1 + a], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain, full[:, p - 1 : p - 1 + a])
+    tokens = batch["input_ids"][:, p : p + a]
+    for temperature in (1.0, 0.7):
+        want = torch.log_softmax(full[:, p - 1 : p - 1 + a] / temperature, -1)
+        want = want.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        got = response_logprobs(kept, batch, temperature)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

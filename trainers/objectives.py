@@ -14,6 +14,7 @@ import torch
 from actors.batching import (
     last_token_scores,
     pack,
+    response_logits,
     response_logprobs,
     sample_logprobs,
     unpack_rows,
@@ -190,14 +191,8 @@ def ppo_objective(
     carries the reference's log-probs (the KL as a loss term). When it carries the engine's
     log-probs besides the old ones (ppo.old_logprobs=learner), each token is weighted by their
     capped ratio. Loss and metrics are this rank's shares."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-    )
-    logits = out.logits / temperature
-    p, a = batch["prompt_width"], batch["response_mask"].shape[1]
-    logp = response_logprobs(logits, batch)  # (B, A)
+    scoring = response_logits(model, batch).float() / temperature  # (B, A, V)
+    logp = response_logprobs(scoring, batch)  # (B, A)
     mask, n = batch["response_mask"], batch["tokens"]
     weights = None
     if "behavior_logprobs" in batch:
@@ -217,7 +212,7 @@ def ppo_objective(
         sequences=batch["sequences"],
         constant=max_new_tokens,
     )
-    entropy = masked_sum(entropy_from_logits(logits[:, p - 1 : p - 1 + a]), mask) / n
+    entropy = masked_sum(entropy_from_logits(scoring), mask) / n
     share = float(mask.sum()) / n
     total = loss - entropy_coef * entropy
     metrics = {
