@@ -157,16 +157,20 @@ class Roles:
         return replaced
 
     def recover(self, version: int, cause: BaseException) -> list[str]:
-        """A LearnerFault if a policy or critic rank died or hangs (the stage's Recovery
-        brings the groups back from a checkpoint, and replaces the other dead actors then);
-        else `replace_dead`, and if nothing was replaced and `cause` is no actor's death or
-        hang (a bug, bad data), `cause` again: it would fail the same way when issued again."""
-        dead = self.dead_learners()
-        if dead:
-            raise LearnerFault(f"{' and '.join(dead)}: a rank died or hangs") from cause
+        """`replace_dead`; if nothing was replaced: a LearnerFault if a policy or critic rank
+        died or hangs (the stage's Recovery brings the groups back from a checkpoint); else, if
+        `cause` is no actor's death or hang (a bug, bad data), `cause` again: it would fail the
+        same way when issued again. The learners are asked only when nothing else was replaced:
+        in overlapped mode they may be training, and would not answer until they finish. (An
+        engine that died with a policy rank fails to take the dead policy's weights: that
+        fault reaches the Recovery, which brings the groups back first.)"""
         replaced = self.replace_dead(version, cause)
-        if not replaced and not actor_fault(cause):
-            raise cause
+        if not replaced:
+            dead = self.dead_learners()
+            if dead:  # a learner group comes back from a checkpoint: the Recovery does it
+                raise LearnerFault(f"{' and '.join(dead)}: a rank died or hangs") from cause
+            if not actor_fault(cause):
+                raise cause
         return replaced
 
     def submit_sync(self, version: int) -> list[Any]:
