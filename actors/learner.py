@@ -293,6 +293,16 @@ class Learner(BusyClock):
                 return None
             return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
 
+    def full_weights(self) -> dict[str, Any]:
+        """The full weights on every rank, for a part of the same process (the colocated
+        engine): no copy where the rank holds them whole, a gathered copy under ZeRO-3
+        (collective)."""
+        with self._gathered():
+            state = self.engine.module.state_dict()
+            if self.zero_stage == 3:
+                return {k: v.detach().clone() for k, v in state.items()}
+            return {k: v.detach() for k, v in state.items()}
+
     def save_checkpoint(self, folder: str) -> None:
         """Weights, optimizer and schedule of every rank into `folder` (DeepSpeed's layout).
         Collective."""
@@ -410,9 +420,12 @@ class LearnerGroup:
         autoscaling_timeout_s: float | None = None,
         call_timeout_s: float = 600.0,
         log: Callable[[str], None] = print,
+        group: ActorGroup | None = None,
     ) -> None:
+        """`group`: the ranks as parts of a colocated placement's hosts (a `PartGroup` of
+        `Learner`) instead of actors of their own."""
         self.name = name
-        self.group = ActorGroup(
+        self.group = group or ActorGroup(
             Learner,
             ranks,
             name=name,

@@ -95,8 +95,19 @@ def train_alone(
     return times[1:]
 
 
-def bench_config(policy_dir: Path, rm_dir: Path, args: Any, overlap: bool = False) -> Any:
-    """bench/ppo_iteration.yaml with the models, the iteration count and --set overrides."""
+def placement_overrides(placement: str) -> list[str]:
+    """Colocated: a worker per core, each hosting the policy's rank, an engine, the reference,
+    the RM and a critic rank (separate: bench/ppo_iteration.yaml's roles as they are)."""
+    if placement == "separate":
+        return []
+    return ["placement=colocated", f"learner.ranks={os.cpu_count()}", "learner.cpus_per_rank=1"]
+
+
+def bench_config(
+    policy_dir: Path, rm_dir: Path, args: Any, overlap: bool = False, placement: str = "separate"
+) -> Any:
+    """bench/ppo_iteration.yaml with the models, the iteration count, the placement and --set
+    overrides."""
     from trainers.config import load_config
 
     data = RESULTS / "data" / "prompts.jsonl"  # the config names a prompt file; unused here
@@ -112,13 +123,19 @@ def bench_config(policy_dir: Path, rm_dir: Path, args: Any, overlap: bool = Fals
             f"ppo.policy={policy_dir}",
             f"ppo.reward_model={rm_dir}",
             f"output_dir={RESULTS / 'ppo_iteration_run'}",
+            *placement_overrides(placement),
             *args.set,
         ],
     )
 
 
 def run_mode(
-    overlap: bool, policy_dir: Path, rm_dir: Path, prompts: list[list[int]], args: Any
+    overlap: bool,
+    policy_dir: Path,
+    rm_dir: Path,
+    prompts: list[list[int]],
+    args: Any,
+    placement: str = "separate",
 ) -> dict[str, Any]:
     """Iterations of trainers.rl on real actors; per-iteration wall time (the period between
     iterations, which is what overlapping shortens) and phase times."""
@@ -129,7 +146,7 @@ def run_mode(
     from trainers.rl.roles import Roles
     from trainers.rl.state import DriverState
 
-    config = bench_config(policy_dir, rm_dir, args, overlap)
+    config = bench_config(policy_dir, rm_dir, args, overlap, placement)
     total = config.ppo.iterations
     encoded = [{"prompt_ids": p, "text": "", "where": f"prompt {i}"} for i, p in enumerate(prompts)]
     inputs = RLInputs(
@@ -152,12 +169,7 @@ def run_mode(
             periods.append(now - last)
             rows.append(figures)
             last = now
-        memory = {
-            "rollout": roles.engines.call("peak_memory_gb"),
-            "reward": roles.reward.call("peak_memory_gb"),
-            "reference": roles.reference.call("peak_memory_gb"),
-            **{name: g.group.call("peak_memory_gb") for name, g in roles.learners().items()},
-        }
+        memory = roles.peak_memory_gb()
     timed = rows[args.warmup :]
     new_tokens = config.ppo.max_new_tokens
     samples = config.ppo.samples
@@ -182,7 +194,7 @@ def run_mode(
         "phases": phases,
         "generation_share": phases["generate"] / seconds,
         "max_weight_version_lag": max(f["weight_version_lag"] for f in timed),
-        "peak_memory_gb": {role: max(r["rss_gb"] for r in ranks) for role, ranks in memory.items()},
+        "peak_memory_gb": memory,
     }
 
 
@@ -230,6 +242,12 @@ def main() -> None:
     parser.add_argument("--model", help="the policy's folder (default: the standard model)")
     parser.add_argument("--rollouts", type=int, default=ROLLOUTS, help="prompts per iteration")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="exact response length")
+    parser.add_argument(
+        "--placement",
+        choices=("separate", "colocated", "both"),
+        default="both",
+        help="the roles' placement(s) to time",
+    )
     args = parser.parse_args()
     args.set = [
         f"ppo.rollout_batch={args.rollouts}",
@@ -247,40 +265,47 @@ def main() -> None:
     prompts = standard_prompts(args.rollouts, AutoConfig.from_pretrained(policy_dir).vocab_size)
     eager = bench_config(policy_dir, rm_dir, args).rollout.enforce_eager
     gen_floor, train_floor = floors(policy_dir, prompts, args, eager)
+    placements = ("separate", "colocated") if args.placement == "both" else (args.placement,)
     results = {}
     with quiet_ray("ppo_iteration", num_cpus=os.cpu_count()):
-        for name, overlap in (("sync", False), ("overlapped", True)):
-            results[name] = run_mode(overlap, policy_dir, rm_dir, prompts, args)
-    sync, over = results["sync"], results["overlapped"]
+        for placement in placements:
+            prefix = "" if placement == "separate" else "colocated_"
+            for name, overlap in (("sync", False), ("overlapped", True)):
+                results[prefix + name] = run_mode(
+                    overlap, policy_dir, rm_dir, prompts, args, placement
+                )
     floor_sum, floor_max = gen_floor + train_floor, max(gen_floor, train_floor)
     rows = floor_rows(gen_floor, train_floor, eager, columns=4)
     for name, r in results.items():
-        rows += phase_rows(r, f"{name}: iteration", PHASES, columns=4)
-    rows[2][2] = f"{sync['seconds'] / floor_sum:.2f}× sum of floors"
-    rows[2][3] = f"generation {sync['generation_share']:.0%}"
-    over_row = next(i for i, r in enumerate(rows) if r[0] == "overlapped: iteration")
-    rows[over_row][2] = f"{over['seconds'] / floor_max:.2f}× larger floor"
-    rows[over_row][3] = f"lag ≤ {over['max_weight_version_lag']:.0f} version"
+        first = len(rows)
+        rows += phase_rows(r, f"{name.replace('_', ' ')}: iteration", PHASES, columns=4)
+        if name.endswith("sync"):
+            rows[first][2] = f"{r['seconds'] / floor_sum:.2f}× sum of floors"
+            rows[first][3] = f"generation {r['generation_share']:.0%}"
+        else:
+            rows[first][2] = f"{r['seconds'] / floor_max:.2f}× larger floor"
+            rows[first][3] = f"lag ≤ {r['max_weight_version_lag']:.0f} version"
     print(table(f"PPO iteration of {policy_dir.name}: {len(prompts)} prompts × {len(prompts[0])} "
                 f"tokens → {args.new_tokens} new tokens, 1 epoch, minibatch {MINIBATCH}; median "
                 f"of {args.iterations} after {args.warmup} warm-up",
                 ["", "seconds", "vs floor", ""], rows))  # fmt: skip
-    mem = [[role, sync["peak_memory_gb"][role], over["peak_memory_gb"][role]]
-           for role in sync["peak_memory_gb"]]  # fmt: skip
-    print(table("peak resident memory per role (GB, the largest rank)",
-                ["role", "sync", "overlapped"], mem))  # fmt: skip
+    mem = [
+        [f"{name.replace('_', ' ')}: {role}", gb]
+        for name, r in results.items()
+        for role, gb in r["peak_memory_gb"].items()
+    ]
+    print(table("peak resident memory per role (GB, the largest rank; colocated: a worker)",
+                ["mode: role", "GB"], mem))  # fmt: skip
+    floors_of = {
+        "floor_sum_seconds": floor_sum,
+        "floor_max_seconds": floor_max,
+        "generate_alone_seconds": gen_floor,
+        "train_alone_seconds": train_floor,
+        "enforce_eager": eager,
+    }
     path = write(
         "ppo_iteration" if args.model is None else f"ppo_iteration_{policy_dir.name}",
-        {
-            "sync": {
-                **sync,
-                "floor_sum_seconds": floor_sum,
-                "generate_alone_seconds": gen_floor,
-                "enforce_eager": eager,
-                "train_alone_seconds": train_floor,
-            },
-            "overlapped": {**over, "floor_max_seconds": floor_max},
-        },
+        {**{name: {**r, **floors_of} for name, r in results.items()}},
     )
     print(f"\nwritten: {path}")
 

@@ -239,9 +239,13 @@ def test_cli_refuses_a_malformed_data_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("overlap", [False, True], ids=["synchronous", "overlapped"])
+@pytest.mark.parametrize(
+    ("overlap", "placement"),
+    [(False, "separate"), (True, "separate"), (False, "colocated")],
+    ids=["synchronous", "overlapped", "colocated"],
+)
 def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(
-    demo_run, short_eval, tmp_path: Path, overlap: bool
+    demo_run, short_eval, tmp_path: Path, overlap: bool, placement: str
 ) -> None:
     import os
     import shutil
@@ -265,6 +269,8 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(
         "ppo.rollout_batch=32",
         # overlapped: the checkpoint keeps the batch generated while its iteration trained
         f"ppo.overlap={str(overlap).lower()}",
+        # colocated: a worker per learner rank hosts a part of every role
+        f"placement={placement}",
         *short_eval,
         # a second driver on this session's cluster: killing it leaves no Ray process behind
         f"ray.address={ray.get_runtime_context().gcs_address}",

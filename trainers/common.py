@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from actors.learner import EngineSpec, LearnerGroup, OptimSpec
+from actors.learner import EngineSpec, Learner, LearnerGroup, OptimSpec
 from actors.rollout import EngineConfig, RolloutEngine
 from cluster import ActorGroup
+from cluster.colocated import Host, PartGroup
 from cluster.groups import split_evenly
 from trainers.config import LearnerConfig, OptimConfig, RayConfig, RunConfig
 from trainers.data import DataError, check_tokenizer
@@ -75,8 +76,12 @@ def learner_group(
     batch_size: int,
     cluster: RayConfig,
     log: Callable[[str], None] = print,
+    hosts: ActorGroup | None = None,
 ) -> LearnerGroup:
-    """A DeepSpeed group sized and placed by a learner section (`learner`, `ppo.critic`)."""
+    """A DeepSpeed group sized and placed by a learner section (`learner`, `ppo.critic`); with
+    `hosts` (colocated), a rank on each host instead, sized by the hosts."""
+    if hosts is not None:
+        learner = learner.model_copy(update={"ranks": hosts.n})
     engine = EngineSpec(
         zero_stage=learner.zero_stage,
         backend=resolve_backend(learner),
@@ -99,15 +104,55 @@ def learner_group(
         autoscaling_timeout_s=autoscaling_timeout(cluster),
         call_timeout_s=learner.collective_timeout_s,
         log=log,
+        group=None
+        if hosts is None
+        else PartGroup(hosts, name, Learner, {"torch_threads": learner.torch_threads}),
+    )
+
+
+def host_group(config: RunConfig, log: Callable[[str], None] = print) -> ActorGroup:
+    """The colocated placement's workers: one per learner rank, sized and placed by the learner
+    section (SPREAD over nodes, as the devices they stand for)."""
+    learner = config.learner
+    return ActorGroup(
+        Host,
+        learner.ranks,
+        name="worker",
+        num_cpus=learner.cpus_per_rank,
+        num_gpus=learner.gpus_per_rank,
+        memory_gb=learner.memory_gb_per_rank,
+        resources=learner.resources_per_rank,
+        strategy="SPREAD",
+        placement_timeout_s=learner.placement_timeout_s,
+        autoscaling_timeout_s=autoscaling_timeout(config.ray),
+        call_timeout_s=learner.collective_timeout_s,
+        log=log,
     )
 
 
 def engine_group(
-    config: RunConfig, model: str, max_new_tokens: int, log: Callable[[str], None] = print
+    config: RunConfig,
+    model: str,
+    max_new_tokens: int,
+    log: Callable[[str], None] = print,
+    hosts: ActorGroup | None = None,
 ) -> ActorGroup:
     """`rollout.engines` vLLM engines serving `model`, sized and placed by the rollout section
-    (SPREAD over nodes), with room for the longest prompt and `max_new_tokens`."""
+    (SPREAD over nodes), with room for the longest prompt and `max_new_tokens`; with `hosts`
+    (colocated), an engine on each host instead."""
     r = config.rollout
+    engine = EngineConfig(
+        model=model,
+        max_model_len=config.data.max_prompt_tokens + max_new_tokens,
+        dtype=r.dtype,
+        seed=config.seed,
+        kv_cache_gb=r.kv_cache_gb,
+        gpu_memory_utilization=r.gpu_memory_utilization,
+        trust_remote_code=config.trust_remote_code,
+        enforce_eager=r.enforce_eager,
+    )
+    if hosts is not None:
+        return PartGroup(hosts, "rollout", RolloutEngine, {"config": engine})
     return ActorGroup(
         RolloutEngine,
         r.engines,
@@ -121,18 +166,7 @@ def engine_group(
         autoscaling_timeout_s=autoscaling_timeout(config.ray),
         log=log,
         call_timeout_s=config.learner.collective_timeout_s,
-        actor_kwargs={
-            "config": EngineConfig(
-                model=model,
-                max_model_len=config.data.max_prompt_tokens + max_new_tokens,
-                dtype=r.dtype,
-                seed=config.seed,
-                kv_cache_gb=r.kv_cache_gb,
-                gpu_memory_utilization=r.gpu_memory_utilization,
-                trust_remote_code=config.trust_remote_code,
-                enforce_eager=r.enforce_eager,
-            )
-        },
+        actor_kwargs={"config": engine},
     )
 
 

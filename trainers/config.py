@@ -117,6 +117,12 @@ class RunConfig(Section):
     """where the run's actors live"""
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     """the DeepSpeed learner group that trains SFT and the RM"""
+    placement: Literal["separate", "colocated"] = "separate"
+    """the RL stage's roles. separate: each role its own actors, sized by its section.
+    colocated: one worker per learner rank (sized by the learner section) hosts the policy's
+    rank, a rollout engine, the reference, the reward and a critic rank, which take turns on
+    its device; the batch is split over the workers and each engine takes the new weights from
+    its own process (rollout.engines, ppo.critic's size and the scorers' cpus do not apply)"""
     sft: SFTConfig = Field(default_factory=SFTConfig)
     """stage 1: supervised fine-tuning on demonstrations"""
     collect: CollectConfig = Field(default_factory=CollectConfig)

@@ -147,8 +147,9 @@ def describe_placement(config: RunConfig, roles: Roles, out: Path, log: Any) -> 
     cfg = config.ppo
     critic = f"critic on {roles.critic.ranks}" if roles.critic is not None else "no critic"
     per_prompt = f" × {cfg.n_samples_per_prompt} responses" if cfg.n_samples_per_prompt > 1 else ""
+    where = f"colocated on {roles.engines.n} workers: " if roles.hosts is not None else ""
     log(
-        f"ppo: {config.rollout.engines} engine(s), policy on {roles.policy.ranks} rank(s), "
+        f"ppo: {where}{roles.engines.n} engine(s), policy on {roles.policy.ranks} rank(s), "
         f"{critic} ({cfg.advantage}); {cfg.iterations} iterations of "
         f"{cfg.rollout_batch} prompts{per_prompt}"
     )

@@ -12,7 +12,14 @@ from actors.learner import LearnerGroup, ModelSpec
 from actors.reward_fn import RewardFunction
 from actors.scorers import ReferencePolicy, RewardModel
 from cluster import ActorGroup, actor_fault, first_line
-from trainers.common import autoscaling_timeout, engine_group, learner_group, optim_spec
+from cluster.colocated import PartGroup
+from trainers.common import (
+    autoscaling_timeout,
+    engine_group,
+    host_group,
+    learner_group,
+    optim_spec,
+)
 from trainers.config import RunConfig
 from trainers.rl.inputs import RLInputs
 
@@ -43,13 +50,25 @@ class Roles:
             raise
 
     def _start(self, config: RunConfig, inputs: RLInputs, log: Any) -> None:
+        self.config, self.inputs = config, inputs
+        self.colocated = config.placement == "colocated"
+        self.sync = "local" if self.colocated else weight_sync_method(config)
+        self.bucket_bytes = int(config.rollout.sync_bucket_mb * 2**20)
+        self._sending: list[Any] = []  # the policy's refs of a broadcast sync under way
+        self.policy: LearnerGroup
+        self.critic: LearnerGroup | None = None  # only the GAE estimator learns values
+        self.hosts = self._add(host_group(config, log)) if self.colocated else None
+        if self.colocated:  # the learner ranks form the hosts' process group; engines join it
+            self._learners(self.learner_names)
         self.engines = self._add(
-            engine_group(config, inputs.policy, config.ppo.max_new_tokens, log)
+            engine_group(config, inputs.policy, config.ppo.max_new_tokens, log, self.hosts)
         )
         # Joining a chunk's experience is a few tensor operations: the joiner reserves no CPU
         # (only the memory it holds), so it runs while the other actors hold every CPU.
         self.joiner = self._add(
-            ActorGroup(
+            PartGroup(self.hosts, "joiner", Joiner)
+            if self.hosts
+            else ActorGroup(
                 Joiner,
                 1,
                 name="joiner",
@@ -62,13 +81,8 @@ class Roles:
         self.rewards = self._reward_sources(config, inputs, log)
         self.reward = self.rewards[0].group  # the RM when the reward has one, else its first
         self.reference = self._scorer(ReferencePolicy, "reference", config, inputs.policy, log)
-        self.config, self.inputs = config, inputs
-        self.sync = weight_sync_method(config)
-        self.bucket_bytes = int(config.rollout.sync_bucket_mb * 2**20)
-        self._sending: list[Any] = []  # the policy's refs of a broadcast sync under way
-        self.policy: LearnerGroup
-        self.critic: LearnerGroup | None = None  # only the GAE estimator learns values
-        self._learners(self.learner_names)
+        if not self.colocated:
+            self._learners(self.learner_names)
         self.ptx_ref = ray.put(inputs.ptx)
         self.ptx_size = len(inputs.ptx)
         self.pad_id = int(inputs.tokenizer.pad_token_id)
@@ -96,7 +110,9 @@ class Roles:
         for name in names:
             section, model, optim = specs[name]
             group = self._add(
-                learner_group(section, config.seed, name, cfg.minibatch_size, config.ray, self.log)
+                learner_group(
+                    section, config.seed, name, cfg.minibatch_size, config.ray, self.log, self.hosts
+                )
             )
             setattr(self, name, group)
             building.append((group, group.submit_build(model, optim)))
@@ -121,12 +137,21 @@ class Roles:
         return [self.engines, *(r.group for r in self.rewards), self.reference, self.joiner]
 
     def dead_learners(self) -> list[str]:
-        """The learner groups (policy, critic) with a rank that died or does not answer."""
+        """The learner groups (policy, critic) with a rank that died or does not answer; every
+        group when a colocated host died (it held a rank of each)."""
+        if self.hosts is not None:
+            return self.learner_names if self.hosts.any_dead() else []
         return [g.group.name for g in self.learners().values() if g.group.any_dead()]
 
     def restart_learners(self, names: list[str]) -> None:
         """Start the named learner groups again from the run's starting models (the caller
-        then loads the latest checkpoint into every group)."""
+        then loads the latest checkpoint into every group). Colocated: every role starts
+        again, on new hosts."""
+        if self.hosts is not None:
+            self.__exit__()
+            self.groups = []
+            self._start(self.config, self.inputs, self.log)
+            return
         for name in names:
             old = getattr(self, name)
             old.shutdown()
@@ -139,8 +164,11 @@ class Roles:
         """Replace every engine, reward, reference or joiner actor that died or hangs (a new
         actor in its place; an engine also gets the policy's current weights, as `version`,
         unless `with_weights` is False: the policy is coming back and syncs them after).
-        Returns what was replaced."""
-        replaced = []
+        Returns what was replaced. Colocated: nothing (a dead host takes a rank of the learners
+        with it, and `dead_learners` names them)."""
+        replaced: list[str] = []
+        if self.hosts is not None:
+            return replaced
         for group in self.actor_groups():
             for rank in range(group.n):
                 if group.alive(rank):
@@ -181,6 +209,10 @@ class Roles:
                 self.engines, version, self.bucket_bytes
             )
             return receiving
+        if self.hosts is not None:  # each engine from the policy rank in its own process
+            return self.hosts.submit(
+                "handover", "policy", "full_weights", "rollout", "load_weights", version
+            )
         return self.engines.submit("load_weights", self.policy.publish_weights(), version)
 
     def finish_sync(self, receiving: list[Any]) -> None:
@@ -201,7 +233,10 @@ class Roles:
         return {name: group.nodes() for name, group in groups.items()}
 
     def peak_memory_gb(self) -> dict[str, float]:
-        """Each role's peak resident memory so far (GB; its largest rank)."""
+        """Each role's peak resident memory so far (GB; its largest rank); colocated, the
+        workers' (every role's part of a worker reports the same process)."""
+        if self.hosts is not None:
+            return {"worker": max(m["rss_gb"] for m in self.joiner.call("peak_memory_gb"))}
         peaks = {
             group.name: max(m["rss_gb"] for m in group.call("peak_memory_gb"))
             for group in self.actor_groups()
@@ -236,12 +271,21 @@ class Roles:
             out.append(Reward(group, src.weight, takes_records=src.kind != "rm"))
         return out
 
-    def score(self, samples: Any, records: Any) -> list[Any]:
-        """Refs of each reward source's scores of a chunk's samples (records: their prompts')."""
+    def score(self, samples: Any, records: Any, chunk: int = 0) -> list[Any]:
+        """Refs of each reward source's scores of a chunk's samples (records: their prompts'),
+        on the source's actor `chunk` modulo their number (colocated: the chunk's host)."""
         return [
-            r.group.actors[0].score.remote(samples, *([records] if r.takes_records else []))
+            r.group.actors[chunk % r.group.n].score.remote(
+                samples, *([records] if r.takes_records else [])
+            )
             for r in self.rewards
         ]
+
+    def chunk_size(self, prompts: int) -> int:
+        """How many prompts an engine takes at once: rollout.chunk_size, or less where that
+        would leave a colocated worker without a share."""
+        size = self.config.rollout.chunk_size
+        return min(size, -(-prompts // self.engines.n)) if self.hosts is not None else size
 
     def _scorer(
         self,
@@ -255,6 +299,13 @@ class Roles:
     ) -> ActorGroup:
         """One frozen scorer actor, sized by the config section `section`."""
         role = getattr(config, section)
+        if self.hosts is not None:
+            kwargs = kwargs or {
+                "path": path,
+                "batch_size": role.batch_size,
+                "trust_remote_code": config.trust_remote_code,
+            }
+            return self._add(PartGroup(self.hosts, name or section, cls, kwargs))
         return self._add(
             ActorGroup(
                 cls,

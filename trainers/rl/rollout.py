@@ -124,12 +124,12 @@ def start_rollout(
         # that never stopped.
         reseed = TRAIN_SEED_BASE * (config.seed + 1) + it * 1009
         prompts = stream.take(cfg.rollout_batch)
-        chunks = chunked([p["prompt_ids"] for p in prompts], config.rollout.chunk_size)
+        size = roles.chunk_size(len(prompts))
+        chunks = chunked([p["prompt_ids"] for p in prompts], size)
         index = generate(roles, chunks, sampling, reseed=reseed)
         n = cfg.n_samples_per_prompt
         records = [
-            [prompt_record(p) for p in part for _ in range(n)]
-            for part in chunked(prompts, config.rollout.chunk_size)
+            [prompt_record(p) for p in part for _ in range(n)] for part in chunked(prompts, size)
         ]
     return Rollout(it, chunks, sampling, kl.beta, scale, index, time.perf_counter(), records)
 
@@ -140,8 +140,10 @@ def prompt_record(prompt: dict[str, Any]) -> dict[str, Any]:
 
 
 def join(config: RunConfig, roles: Roles, rollout: Rollout, done: Any, i: int) -> tuple[Any, Any]:
-    """The experience of a generated chunk: scored, valued and joined by actors (refs)."""
+    """The experience of a generated chunk: scored, valued and joined by actors (refs); where a
+    role has several actors (colocated: one on each host), by those of the chunk's engine."""
     cfg = config.ppo
+    at = i % roles.engines.n
     # ppo.old_logprobs=learner: the policy's own log-probs, from the weights it holds before
     # it trains on this batch (in overlapped mode the call waits behind the current training)
     learner_lp = (
@@ -151,20 +153,20 @@ def join(config: RunConfig, roles: Roles, rollout: Rollout, done: Any, i: int) -
         if cfg.old_logprobs == "learner"
         else []
     )
-    scores = roles.score(done, rollout.records[i])
+    scores = roles.score(done, rollout.records[i], at)
     values = (
         roles.critic.submit_forward_slice(done, partial(sample_values, pad_id=roles.pad_id))
         if roles.critic is not None
         else []
     )
     return (
-        roles.joiner.actors[0]
+        roles.joiner.actors[at % roles.joiner.n]
         .run.options(num_returns=2)
         .remote(
             make_experience,
             done,
             *scores[:1],
-            roles.reference.actors[0].logprobs.remote(done, cfg.temperature),
+            roles.reference.actors[at % roles.reference.n].logprobs.remote(done, cfg.temperature),
             *scores[1:],
             *values,
             *learner_lp,
