@@ -159,3 +159,59 @@ def write(name: str, figures: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**figures, "machine": machine()}, indent=1) + "\n")
     return path
+
+
+def matmul_gflops(threads: int, seconds: float = 2.0) -> float:
+    """The machine's fp32 matrix-product rate through torch (GFLOP/s), with `threads` threads:
+    1024×576 by 576×1536, the real model's MLP shape; the best of three timed spans."""
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+        flop = 2 * 1024 * 576 * 1536
+        for _ in range(3):
+            a @ b
+        best = 0.0
+        for _ in range(3):
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 3:
+                a @ b
+                n += 1
+            best = max(best, flop * n / (time.perf_counter() - start) / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(before)
+
+
+def iteration_flops(
+    policy_dir: Path, samples: int, prompt_tokens: int, new_tokens: int, critic: bool = True
+) -> float:
+    """The FLOPs a PPO iteration (one epoch) needs, counted from the model's linear layers:
+    2 per weight and token forward, 4 backward. Every role reads every token once: generation
+    (prefill and decoding), the RM, the reference, the critic's values, and the policy's and the
+    critic's training (forward and backward); the LM head only where a role needs the
+    vocabulary (the sampled tokens: generation, the reference, the policy). Attention scores
+    and element-wise work are left out (a few percent at these lengths)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(policy_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()
+    )
+    tokens = samples * (prompt_tokens + new_tokens)
+    responses = samples * new_tokens
+    forward = 2 * body * tokens
+    passes = 3 + (1 if critic else 0)  # generation, RM, reference, critic values
+    trains = 1 + (1 if critic else 0)  # policy, critic: forward and backward
+    lm_head = 2 * head * responses * (1 + 1 + 3)  # generation, reference, policy training
+    return forward * passes + 3 * forward * trains + lm_head

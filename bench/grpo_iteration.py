@@ -10,7 +10,8 @@ process).
 
 The roles are the real actors of a run (bench/ppo_iteration.yaml with ppo.advantage grpo): one
 vLLM engine sampling the 4 responses of a prompt together, the RM, the reference and a one-rank
-DeepSpeed policy; no critic. Prints a table and writes bench/results/grpo_iteration.json
+DeepSpeed policy; no critic; then colocated (a worker per core hosting a policy rank, an
+engine, the RM and the reference). Prints a table and writes bench/results/grpo_iteration.json
 ({"seconds", "floor_sum_seconds", ...}: seconds per iteration, median)."""
 
 from __future__ import annotations
@@ -76,12 +77,14 @@ def main() -> None:
     gen_floor, train_floor = floors(policy_dir, responses, args, eager)
     with quiet_ray("grpo_iteration", num_cpus=os.cpu_count()):
         r = run_mode(False, policy_dir, rm_dir, prompts, args)
+        colocated = run_mode(False, policy_dir, rm_dir, prompts, args, "colocated")
     floor_sum = gen_floor + train_floor
+    phases = ("generate", "reward", "reference", "train", "weight_sync")
     rows = floor_rows(gen_floor, train_floor, eager, columns=3)
-    rows += phase_rows(
-        r, "iteration", ("generate", "reward", "reference", "train", "weight_sync"), 3
-    )
+    rows += phase_rows(r, "separate: iteration", phases, 3)
     rows[2][2] = f"{r['seconds'] / floor_sum:.2f}× sum of floors"
+    rows += phase_rows(colocated, "colocated: iteration", phases, 3)
+    rows[-len(phases) - 1][2] = f"{colocated['seconds'] / floor_sum:.2f}× sum of floors"
     print(table(f"GRPO iteration of {Path(policy_dir).name}: {n_prompts} prompts × {GROUP} "
                 f"samples, {len(prompts[0])} → {args.new_tokens} new tokens, 1 epoch, minibatch "
                 f"{MINIBATCH}; median of {args.iterations} after {args.warmup} warm-up",
@@ -90,6 +93,7 @@ def main() -> None:
         "grpo_iteration" if args.model is None else f"grpo_iteration_{policy_dir.name}",
         {
             **r,
+            "colocated": colocated,
             "floor_sum_seconds": floor_sum,
             "generate_alone_seconds": gen_floor,
             "train_alone_seconds": train_floor,

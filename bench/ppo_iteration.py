@@ -10,7 +10,12 @@ the same on another policy (its RM and critic: a new one-output head on a copy o
 
 Every role is the real actor of a run (bench/ppo_iteration.yaml): one vLLM engine, the RM, the
 reference policy, a one-rank critic and a one-rank DeepSpeed policy, driven by trainers.rl's own
-`iteration`. Prints a table and writes bench/results/ppo_iteration.json."""
+`iteration` (separate placement); and colocated: a worker per core, each hosting a rank of the
+policy and of the critic, an engine, the RM and the reference. Also the machine's fp32
+matrix-product rate, measured in the same run, and each mode's useful FLOP rate against it (the
+FLOPs an iteration needs, counted from the model's layers). Prints tables and writes
+bench/results/ppo_iteration.json (with --model: ppo_iteration_MODEL.json and
+real_iteration.json)."""
 
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from bench.common import (
     ROLLOUTS,
     ROOT,
     SEED,
+    iteration_flops,
+    matmul_gflops,
     median,
     quiet,
     quiet_ray,
@@ -265,6 +272,10 @@ def main() -> None:
     prompts = standard_prompts(args.rollouts, AutoConfig.from_pretrained(policy_dir).vocab_size)
     eager = bench_config(policy_dir, rm_dir, args).rollout.enforce_eager
     gen_floor, train_floor = floors(policy_dir, prompts, args, eager)
+    cores = os.cpu_count() or 1
+    rate = {"1": matmul_gflops(1), str(cores): matmul_gflops(cores)}
+    uses_critic = bench_config(policy_dir, rm_dir, args).ppo.uses_critic
+    flops = iteration_flops(policy_dir, len(prompts), len(prompts[0]), args.new_tokens, uses_critic)
     placements = ("separate", "colocated") if args.placement == "both" else (args.placement,)
     results = {}
     with quiet_ray("ppo_iteration", num_cpus=os.cpu_count()):
@@ -289,6 +300,15 @@ def main() -> None:
                 f"tokens → {args.new_tokens} new tokens, 1 epoch, minibatch {MINIBATCH}; median "
                 f"of {args.iterations} after {args.warmup} warm-up",
                 ["", "seconds", "vs floor", ""], rows))  # fmt: skip
+    for r in results.values():
+        r["useful_gflops"] = flops / r["seconds"] / 1e9
+    print(table(f"useful FLOP rate: {flops / 1e12:.3f} TFLOP an iteration (counted from the "
+                f"model's layers) against fp32 matrix products measured now: {rate['1']:.1f} "
+                f"GFLOP/s on 1 thread, {rate[str(cores)]:.1f} on {cores}",
+                ["mode", "seconds", "useful GFLOP/s", f"of the {cores}-thread rate"],
+                [[name.replace("_", " "), r["seconds"], r["useful_gflops"],
+                  f"{r['useful_gflops'] / rate[str(cores)]:.0%}"]
+                 for name, r in results.items()]))  # fmt: skip
     mem = [
         [f"{name.replace('_', ' ')}: {role}", gb]
         for name, r in results.items()
@@ -303,11 +323,28 @@ def main() -> None:
         "train_alone_seconds": train_floor,
         "enforce_eager": eager,
     }
+    compute = {"matmul_gflops_by_threads": rate, "iteration_tflop": flops / 1e12}
     path = write(
         "ppo_iteration" if args.model is None else f"ppo_iteration_{policy_dir.name}",
-        {**{name: {**r, **floors_of} for name, r in results.items()}},
+        {**{name: {**r, **floors_of} for name, r in results.items()}, **compute},
     )
     print(f"\nwritten: {path}")
+    if args.model is not None and {"sync", "colocated_sync"} <= results.keys():
+        best = min(("sync", "colocated_sync"), key=lambda n: results[n]["seconds"])
+        path = write(
+            "real_iteration",
+            {
+                "model": policy_dir.name,
+                "separate": results["sync"],
+                "colocated": results["colocated_sync"],
+                # TRL's PPO is not run by this script yet: its figure is PLATFORM.md's
+                "trl_ppo_seconds": None,
+                "matmul_gflops": rate[str(cores)],
+                "useful_gflops": results[best]["useful_gflops"],
+                **compute,
+            },
+        )
+        print(f"written: {path}")
 
 
 if __name__ == "__main__":

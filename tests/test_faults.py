@@ -194,12 +194,14 @@ def test_a_reward_model_that_scores_nan_skips_updates_and_stops_the_run(
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize(("placement", "victim"), [("separate", "Learner"), ("colocated", "Host")])
 def test_a_killed_learner_rank_brings_the_groups_back_from_the_last_checkpoint(
-    demo_run, short_eval, tmp_path: Path
+    demo_run, short_eval, tmp_path: Path, placement: str, victim: str
 ) -> None:
     """A policy or critic rank killed at a random point after the first checkpoint: the groups
     go back to the last checkpoint within the run, which ends with every iteration done and the
-    phase that the kill hit redone."""
+    phase that the kill hit redone. Colocated, the kill takes a whole worker (a rank of the
+    policy and of the critic, an engine, the reference and the reward): every role comes back."""
     from trainers.pipeline import run
 
     demo, _ = demo_run
@@ -211,15 +213,16 @@ def test_a_killed_learner_rank_brings_the_groups_back_from_the_last_checkpoint(
         "ppo.checkpoint_every=2",
         "ppo.rollout_batch=32",
         "learner.collective_timeout_s=60",
+        f"placement={placement}",
         *short_eval,
     )
     # a policy or critic rank of this run, somewhere in iteration 3 (after the first checkpoint)
     chaos = _Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
-    chaos.kill("Learner", chaos.at(chaos.latest), jitter=1.0)
+    chaos.kill(victim, chaos.at(chaos.latest), jitter=1.0)
     lines: list[str] = []
     summary = run(config, log=lines.append)
     chaos.join()
-    assert chaos.killed == ["Learner"]
+    assert chaos.killed == [victim]
     assert summary["ppo"]["iterations"] == 4
     said = [line for line in lines if "lost a rank" in line]
     assert len(said) == 1, lines
