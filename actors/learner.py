@@ -400,6 +400,10 @@ def _to_cpu(out: Any) -> Any:
     return out
 
 
+START_DEADLINE_S = 300.0
+"""The least time a learner rank gets to start, connect and build (see `finish_build`)."""
+
+
 class LearnerGroup:
     """N learner ranks, placed together (PACK), hosting one ZeRO engine.
 
@@ -455,12 +459,18 @@ class LearnerGroup:
 
     def finish_build(self, refs: list[Any]) -> int:
         """Wait for `submit_build`; the model's parameter count. A rank that failed to start,
-        connect or build shuts the group down and raises a RemoteCallError naming it."""
+        connect or build shuts the group down and raises a RemoteCallError naming it.
+
+        Starting is not a collective: a rank's process starts, imports DeepSpeed and loads the
+        model while the other roles start beside it, which on a busy 2-core machine takes longer
+        than a short collective deadline. The start waits for the longer of the two deadlines."""
+        call = self.group.call_timeout_s
+        start = None if call is None else max(call, START_DEADLINE_S)
         try:
             if self._connecting:
-                self.group.get(self._connecting, "init_distributed")
+                self.group.get(self._connecting, "init_distributed", timeout_s=start)
                 self._connecting = []
-            return int(self.group.get(refs, "build")[0])
+            return int(self.group.get(refs, "build", timeout_s=start)[0])
         except BaseException:
             self.group.shutdown()
             raise

@@ -344,11 +344,12 @@ def test_a_hung_reference_in_the_final_evaluation_is_found_at_its_deadline_and_r
     )
     chaos = _Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
     stopped: list[int] = []
+    ended = threading.Event()  # the run returned or failed: the thread stops looking
 
     def stop_the_reference() -> None:
-        deadline = time.time() + 900
-        while not chaos.at_checkpoint(2)() and time.time() < deadline:
-            time.sleep(0.02)
+        while not chaos.at_checkpoint(2)():
+            if ended.wait(0.02):
+                return
         [pid] = _alive("ReferencePolicy")
         os.kill(pid, signal.SIGSTOP)
         stopped.append(pid)
@@ -356,8 +357,11 @@ def test_a_hung_reference_in_the_final_evaluation_is_found_at_its_deadline_and_r
     thread = threading.Thread(target=stop_the_reference, daemon=True)
     thread.start()
     t0 = time.perf_counter()
-    summary = run(config, log=chaos.log)
-    thread.join()
+    try:
+        summary = run(config, log=chaos.log)
+    finally:
+        ended.set()
+        thread.join()
     assert stopped
     said = "\n".join(chaos.lines)
     assert "reference rank 0 died or hangs" in said, said
