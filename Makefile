@@ -29,7 +29,7 @@ export MPLCONFIGDIR := $(CACHE)/matplotlib
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint env clean bench smollm2
+.PHONY: demo test lint env clean bench smollm2 peers
 
 env: $(STAMP)
 
@@ -44,8 +44,12 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# `make demo PLACEMENT=colocated` runs it colocated (README: "Placement"); the default is the
+# config's, separate, which bench/ppo_iteration.py measured as fast as colocated for the demo's
+# synchronous mode.
+PLACEMENT ?=
 demo: $(STAMP)
-	$(VENV)/bin/instructray run configs/tiny.yaml
+	$(VENV)/bin/instructray run configs/tiny.yaml $(if $(PLACEMENT),placement=$(PLACEMENT))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -75,8 +79,23 @@ $(SMOLLM2)/config.json: | $(STAMP)
 	rm -rf $(SMOLLM2)
 	$(VENV)/bin/instructray import-gguf $(SMOLLM2_GGUF) $(SMOLLM2)
 
-# The benchmarks (bench/): each prints its table and writes bench/results/NAME.json.
-bench: $(STAMP)
+# The peers the benchmarks time beside ours, each in its own virtual environment from pinned
+# versions (bench/peers/NAME.txt; TRL's transformers is not ours): .venv-peers/NAME.
+PEERS := .venv-peers
+PEER_ENVS := $(PEERS)/trl-ppo/.installed $(PEERS)/trl-grpo/.installed
+
+peers: $(PEER_ENVS)
+
+$(PEERS)/%/.installed: bench/peers/%.txt
+	rm -rf $(PEERS)/$*
+	$(PYTHON) -m venv $(PEERS)/$*
+	$(PEERS)/$*/bin/python -m pip install -q --upgrade "pip>=24"
+	$(PEERS)/$*/bin/python -m pip install -q $(PIP_EXTRA) -r $<
+	touch $@
+
+# The benchmarks (bench/): each prints its table and writes bench/results/NAME.json; the
+# iteration benchmarks run TRL in the same run (make peers, above).
+bench: $(STAMP) $(PEER_ENVS)
 	$(PY) -m bench.rollout
 	$(PY) -m bench.weight_sync
 	$(PY) -m bench.ppo_iteration

@@ -215,3 +215,51 @@ def iteration_flops(
     trains = 1 + (1 if critic else 0)  # policy, critic: forward and backward
     lm_head = 2 * head * responses * (1 + 1 + 3)  # generation, reference, policy training
     return forward * passes + 3 * forward * trains + lm_head
+
+
+PEERS = ROOT / ".venv-peers"
+
+
+def run_peer(
+    env: str,
+    script: str,
+    args: list[str],
+    prompts: list[list[int]],
+    log_name: str,
+    threads: tuple[int, ...] = (1, 2),
+) -> dict[str, Any] | None:
+    """A peer (bench/peers/SCRIPT, in its own virtual environment .venv-peers/ENV, which `make
+    peers` makes) on our prompts, once with each torch thread count: its seconds per iteration
+    (median) at its faster count, and each count's. None, said on the console, where the
+    environment is missing; a peer that fails raises with the end of what it printed. Its output
+    goes to bench/results/logs/LOG_NAME/ENV-Nthreads.log."""
+    import subprocess
+
+    python = PEERS / env / "bin" / "python"
+    if not python.is_file():
+        print(f"{env}: not measured ({python} is missing; `make peers` makes it)")
+        return None
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    prompt_file = RESULTS / f"{env}-prompts.json"
+    prompt_file.write_text(json.dumps(prompts))
+    runs: dict[str, dict[str, Any]] = {}
+    for n in threads:
+        log = logs(log_name) / f"{env}-{n}threads.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [str(python), str(ROOT / "bench" / "peers" / script), *args]
+        cmd += ["--prompts", str(prompt_file), "--threads", str(n)]
+        env_vars = {**os.environ, "OMP_NUM_THREADS": str(n), "TOKENIZERS_PARALLELISM": "false"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env_vars, cwd=ROOT)
+        log.write_text(done.stdout + done.stderr)
+        last = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
+        if not last or not last[0].startswith("{"):
+            tail = (done.stderr or done.stdout)[-2000:]
+            raise RuntimeError(f"{env} with {n} threads failed (exit {done.returncode}):\n{tail}")
+        runs[str(n)] = json.loads(last[0])
+    best = min(runs.values(), key=lambda r: r["seconds"])
+    return {
+        "seconds": best["seconds"],
+        "threads": best["threads"],
+        "seconds_by_threads": {n: r["seconds"] for n, r in runs.items()},
+        "runs": runs,
+    }

@@ -11,7 +11,10 @@ process).
 The roles are the real actors of a run (bench/ppo_iteration.yaml with ppo.advantage grpo): one
 vLLM engine sampling the 4 responses of a prompt together, the RM, the reference and a one-rank
 DeepSpeed policy; no critic; then colocated (a worker per core hosting a policy rank, an
-engine, the RM and the reference). Prints a table and writes bench/results/grpo_iteration.json
+engine, the RM and the reference); and the peer, Hugging Face TRL's GRPOTrainer (1.16) on the
+same workload in its own environment (`make peers`), with 1 and with 2 torch threads (its
+faster count is the one compared; its iteration: one generation batch and the minibatch steps
+over it). Prints tables and writes bench/results/grpo_iteration.json
 ({"seconds", "floor_sum_seconds", ...}: seconds per iteration, median)."""
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from bench.common import (
     ROLLOUTS,
     quiet,
     quiet_ray,
+    run_peer,
     standard_model,
     standard_prompts,
     table,
@@ -54,6 +58,9 @@ def main() -> None:
     parser.add_argument("--model", help="the policy's folder (default: the standard model)")
     parser.add_argument("--prompts", type=int, default=ROLLOUTS // GROUP, help="per iteration")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="exact response length")
+    parser.add_argument(
+        "--peer-iterations", type=int, default=3, help="timed TRL iterations (0: no peer)"
+    )
     args = parser.parse_args()
     n_prompts = args.prompts
     args.set = [
@@ -75,6 +82,19 @@ def main() -> None:
     responses = [p for p in prompts for _ in range(GROUP)]  # the floors' 32 sequences
     eager = bench_config(policy_dir, rm_dir, args).rollout.enforce_eager
     gen_floor, train_floor = floors(policy_dir, responses, args, eager)
+    trl = None
+    if args.peer_iterations:
+        trl = run_peer(
+            "trl-grpo",
+            "trl_grpo.py",
+            [
+                *("--policy", str(policy_dir), "--reward-model", str(rm_dir)),
+                *("--samples", str(GROUP), "--new-tokens", str(args.new_tokens)),
+                *("--minibatch", str(MINIBATCH), "--iterations", str(args.peer_iterations)),
+            ],
+            prompts,
+            "grpo_iteration",
+        )
     with quiet_ray("grpo_iteration", num_cpus=os.cpu_count()):
         r = run_mode(False, policy_dir, rm_dir, prompts, args)
         colocated = run_mode(False, policy_dir, rm_dir, prompts, args, "colocated")
@@ -89,6 +109,13 @@ def main() -> None:
                 f"samples, {len(prompts[0])} → {args.new_tokens} new tokens, 1 epoch, minibatch "
                 f"{MINIBATCH}; median of {args.iterations} after {args.warmup} warm-up",
                 ["", "seconds", "vs floor"], rows))  # fmt: skip
+    if trl is not None:
+        by = ", ".join(f"{n} threads {t:.2f} s" for n, t in trl["seconds_by_threads"].items())
+        print(table(f"against Hugging Face TRL's GRPOTrainer 1.16 on the same workload, in this "
+                    f"run: {trl['seconds']:.2f} s an iteration at its faster thread count ({by})",
+                    ["placement", "seconds", "× TRL's iteration"],
+                    [[name, x["seconds"], f"{x['seconds'] / trl['seconds']:.2f}×"]
+                     for name, x in (("separate", r), ("colocated", colocated))]))  # fmt: skip
     path = write(
         "grpo_iteration" if args.model is None else f"grpo_iteration_{policy_dir.name}",
         {
@@ -97,6 +124,8 @@ def main() -> None:
             "floor_sum_seconds": floor_sum,
             "generate_alone_seconds": gen_floor,
             "train_alone_seconds": train_floor,
+            "trl_grpo": trl,
+            "trl_grpo_seconds": trl and trl["seconds"],
         },
     )
     print(f"\nwritten: {path}")

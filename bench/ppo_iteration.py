@@ -13,7 +13,9 @@ reference policy, a one-rank critic and a one-rank DeepSpeed policy, driven by t
 `iteration` (separate placement); and colocated: a worker per core, each hosting a rank of the
 policy and of the critic, an engine, the RM and the reference. Also the machine's fp32
 matrix-product rate, measured in the same run, and each mode's useful FLOP rate against it (the
-FLOPs an iteration needs, counted from the model's layers). Prints tables and writes
+FLOPs an iteration needs, counted from the model's layers), and the peer: Hugging Face TRL's
+PPOTrainer 1.12 on the same workload, in its own environment (`make peers`), with 1 and with 2
+torch threads (its faster count is the one compared). Prints tables and writes
 bench/results/ppo_iteration.json (with --model: ppo_iteration_MODEL.json and
 real_iteration.json)."""
 
@@ -36,6 +38,7 @@ from bench.common import (
     median,
     quiet,
     quiet_ray,
+    run_peer,
     save_model,
     standard_model,
     standard_prompts,
@@ -250,6 +253,9 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=ROLLOUTS, help="prompts per iteration")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="exact response length")
     parser.add_argument(
+        "--peer-steps", type=int, default=3, help="timed TRL steps per thread count (0: no peer)"
+    )
+    parser.add_argument(
         "--placement",
         choices=("separate", "colocated", "both"),
         default="both",
@@ -276,6 +282,19 @@ def main() -> None:
     rate = {"1": matmul_gflops(1), str(cores): matmul_gflops(cores)}
     uses_critic = bench_config(policy_dir, rm_dir, args).ppo.uses_critic
     flops = iteration_flops(policy_dir, len(prompts), len(prompts[0]), args.new_tokens, uses_critic)
+    trl = None
+    if args.peer_steps:
+        trl = run_peer(
+            "trl-ppo",
+            "trl_ppo.py",
+            [
+                *("--policy", str(policy_dir), "--reward-model", str(rm_dir)),
+                *("--new-tokens", str(args.new_tokens), "--minibatch", str(MINIBATCH)),
+                *("--steps", str(args.peer_steps), "--warmup", "1"),
+            ],
+            prompts,
+            "ppo_iteration",
+        )
     placements = ("separate", "colocated") if args.placement == "both" else (args.placement,)
     results = {}
     with quiet_ray("ppo_iteration", num_cpus=os.cpu_count()):
@@ -309,6 +328,13 @@ def main() -> None:
                 [[name.replace("_", " "), r["seconds"], r["useful_gflops"],
                   f"{r['useful_gflops'] / rate[str(cores)]:.0%}"]
                  for name, r in results.items()]))  # fmt: skip
+    if trl is not None:
+        by = ", ".join(f"{n} threads {t:.2f} s" for n, t in trl["seconds_by_threads"].items())
+        print(table(f"against Hugging Face TRL's PPOTrainer 1.12 on the same workload, in this "
+                    f"run: {trl['seconds']:.2f} s a step at its faster thread count ({by})",
+                    ["mode", "seconds", "× TRL's step"],
+                    [[name.replace("_", " "), r["seconds"], f"{r['seconds'] / trl['seconds']:.2f}×"]
+                     for name, r in results.items()]))  # fmt: skip
     mem = [
         [f"{name.replace('_', ' ')}: {role}", gb]
         for name, r in results.items()
@@ -326,7 +352,12 @@ def main() -> None:
     compute = {"matmul_gflops_by_threads": rate, "iteration_tflop": flops / 1e12}
     path = write(
         "ppo_iteration" if args.model is None else f"ppo_iteration_{policy_dir.name}",
-        {**{name: {**r, **floors_of} for name, r in results.items()}, **compute},
+        {
+            **{name: {**r, **floors_of} for name, r in results.items()},
+            **compute,
+            "trl_ppo": trl,
+            "trl_ppo_seconds": trl and trl["seconds"],
+        },
     )
     print(f"\nwritten: {path}")
     if args.model is not None and {"sync", "colocated_sync"} <= results.keys():
@@ -337,8 +368,8 @@ def main() -> None:
                 "model": policy_dir.name,
                 "separate": results["sync"],
                 "colocated": results["colocated_sync"],
-                # TRL's PPO is not run by this script yet: its figure is PLATFORM.md's
-                "trl_ppo_seconds": None,
+                "trl_ppo_seconds": trl and trl["seconds"],
+                "trl_ppo": trl,
                 "matmul_gflops": rate[str(cores)],
                 "useful_gflops": results[best]["useful_gflops"],
                 **compute,

@@ -1,0 +1,120 @@
+"""The peer: Hugging Face TRL's GRPOTrainer (its latest release, bench/peers/trl-grpo.txt) on our
+GRPO benchmark workload, timed iteration by iteration. It runs in its own virtual environment
+(`make peers`), never in ours, so it imports nothing of the project; bench/grpo_iteration.py
+starts it and reads the one JSON line it prints.
+
+    .venv-peers/trl-grpo/bin/python bench/peers/trl_grpo.py --policy DIR --reward-model DIR \
+        --prompts prompts.json --samples 4 --new-tokens 64 --minibatch 8 --threads 1
+
+The workload is ours: the same prompts (their token ids, decoded by the policy's tokenizer),
+`--samples` responses each of exactly --new-tokens tokens (eos suppressed until then), one epoch
+over minibatches of --minibatch (one optimizer step each, as ours), the KL to the reference
+(beta 0.05, so the reference runs as ours does), the RM folder as the reward, fp32 on the CPU.
+An iteration is one generation batch and the optimizer steps over it."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import tempfile
+import time
+import warnings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--reward-model", required=True)
+    parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
+    parser.add_argument("--samples", type=int, default=4, help="responses per prompt")
+    parser.add_argument("--new-tokens", type=int, required=True)
+    parser.add_argument("--minibatch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations")
+    parser.add_argument("--warmup", type=int, default=1, help="iterations before timing")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from transformers.utils import logging as hf_logging
+    from trl import GRPOConfig, GRPOTrainer
+
+    hf_logging.set_verbosity_error()
+    with open(args.prompts) as f:
+        prompts: list[list[int]] = json.load(f)
+    tokenizer = AutoTokenizer.from_pretrained(args.policy)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = [tokenizer.decode(p) for p in prompts]
+    lengths = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts}
+    iterations = args.warmup + args.iterations
+    rollouts = len(prompts) * args.samples
+    per_iteration = rollouts // args.minibatch  # optimizer steps in one generation batch
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, _args, state, *__, **___):
+            if state.global_step % per_iteration == 0:
+                marks.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=args.minibatch,
+            gradient_accumulation_steps=1,
+            steps_per_generation=per_iteration,
+            num_generations=args.samples,
+            num_iterations=1,
+            max_steps=iterations * per_iteration,
+            max_completion_length=args.new_tokens,
+            generation_kwargs={"min_new_tokens": args.new_tokens},
+            temperature=1.0,
+            beta=0.05,
+            learning_rate=1e-6,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=10_000,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            seed=0,
+            dataloader_num_workers=0,
+        )
+        trainer = GRPOTrainer(
+            model=args.policy,
+            reward_funcs=args.reward_model,
+            args=config,
+            train_dataset=Dataset.from_dict({"prompt": texts * iterations}),
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        )
+        trainer.train()
+    periods = [b - a for a, b in itertools.pairwise(marks)]
+    assert len(periods) == iterations, f"{len(periods)} iterations timed, {iterations} expected"
+    timed = periods[args.warmup :]
+    print(
+        json.dumps(
+            {
+                "peer": "trl-grpo",
+                "seconds": statistics.median(timed),
+                "iterations": [round(p, 4) for p in periods],
+                "threads": args.threads,
+                "rollouts": rollouts,
+                "prompt_tokens": sorted(lengths),
+                "new_tokens": args.new_tokens,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

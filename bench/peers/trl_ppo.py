@@ -1,0 +1,134 @@
+"""The peer: Hugging Face TRL's PPOTrainer (1.12, the last release that ships it, as
+trl.experimental.ppo) on one of our benchmark workloads, timed step by step. It runs in its own
+virtual environment (`make peers`: bench/peers/trl-ppo.txt), never in ours, so it imports nothing
+of the project; bench/ppo_iteration.py starts it and reads the one JSON line it prints.
+
+    .venv-peers/trl-ppo/bin/python bench/peers/trl_ppo.py --policy DIR --reward-model DIR \
+        --prompts prompts.json --new-tokens 64 --minibatch 8 --threads 1
+
+The workload is ours: the same prompts (token ids), exactly --new-tokens new tokens (no stop
+token), one PPO epoch over minibatches of --minibatch, fp32, on the CPU; the policy, its reference,
+the value model and the RM are the same folders our run loads. A step is one batch: generation,
+the reference, value and reward forwards, and the epoch of policy and value updates."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import tempfile
+import time
+import warnings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--reward-model", required=True)
+    parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
+    parser.add_argument("--new-tokens", type=int, required=True)
+    parser.add_argument("--minibatch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="steps before timing")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+    from transformers.utils import logging as hf_logging
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    hf_logging.set_verbosity_error()
+    with open(args.prompts) as f:
+        prompts: list[list[int]] = json.load(f)
+    batch = len(prompts)
+    steps = args.warmup + args.steps
+    tokenizer = AutoTokenizer.from_pretrained(args.policy)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = Dataset.from_dict({"input_ids": prompts * steps})
+
+    def load(cls, path):
+        return cls.from_pretrained(path, dtype=torch.float32)
+
+    policy, reference = (
+        load(AutoModelForCausalLM, args.policy),
+        load(AutoModelForCausalLM, args.policy),
+    )
+    rm = load(AutoModelForSequenceClassification, args.reward_model)
+    value = load(AutoModelForSequenceClassification, args.reward_model)
+    for model in (rm, value):
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, *_, **__):
+            marks.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        config = PPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=args.minibatch,
+            gradient_accumulation_steps=batch // args.minibatch,
+            num_mini_batches=batch // args.minibatch,
+            num_ppo_epochs=1,
+            total_episodes=batch * steps,
+            response_length=args.new_tokens,
+            stop_token=None,  # exactly --new-tokens tokens, as our workload
+            temperature=1.0,
+            learning_rate=1e-6,
+            kl_coef=0.05,
+            num_sample_generations=0,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=10_000,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            seed=0,
+            dataloader_num_workers=0,
+        )
+        trainer = PPOTrainer(
+            args=config,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=reference,
+            reward_model=rm,
+            train_dataset=dataset,
+            value_model=value,
+            callbacks=[Clock()],
+        )
+        trainer.train()
+    periods = [b - a for a, b in itertools.pairwise(marks)]
+    assert len(periods) == steps, f"{len(periods)} steps timed, {steps} expected"
+    timed = periods[args.warmup :]
+    print(
+        json.dumps(
+            {
+                "peer": "trl-ppo",
+                "seconds": statistics.median(timed),
+                "steps": [round(p, 4) for p in periods],
+                "threads": args.threads,
+                "rollouts": batch,
+                "new_tokens": args.new_tokens,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
