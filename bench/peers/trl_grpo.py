@@ -15,12 +15,11 @@ An iteration is one generation batch and the optimizer steps over it."""
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import statistics
 import tempfile
-import time
 import warnings
+
+from peer_clock import clock, report  # bench/peers/, the script's own folder
 
 
 def main() -> None:
@@ -56,15 +55,7 @@ def main() -> None:
     iterations = args.warmup + args.iterations
     rollouts = len(prompts) * args.samples
     per_iteration = rollouts // args.minibatch  # optimizer steps in one generation batch
-    marks: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, _args, state, *__, **___):
-            if state.global_step % per_iteration == 0:
-                marks.append(time.perf_counter())
+    timer, marks = clock(TrainerCallback, every=per_iteration)
 
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
@@ -95,24 +86,18 @@ def main() -> None:
             args=config,
             train_dataset=Dataset.from_dict({"prompt": texts * iterations}),
             processing_class=tokenizer,
-            callbacks=[Clock()],
+            callbacks=[timer],
         )
         trainer.train()
-    periods = [b - a for a, b in itertools.pairwise(marks)]
-    assert len(periods) == iterations, f"{len(periods)} iterations timed, {iterations} expected"
-    timed = periods[args.warmup :]
-    print(
-        json.dumps(
-            {
-                "peer": "trl-grpo",
-                "seconds": statistics.median(timed),
-                "iterations": [round(p, 4) for p in periods],
-                "threads": args.threads,
-                "rollouts": rollouts,
-                "prompt_tokens": sorted(lengths),
-                "new_tokens": args.new_tokens,
-            }
-        )
+    report(
+        "trl-grpo",
+        marks,
+        iterations,
+        args.warmup,
+        threads=args.threads,
+        rollouts=rollouts,
+        prompt_tokens=sorted(lengths),
+        new_tokens=args.new_tokens,
     )
 
 

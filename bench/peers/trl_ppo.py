@@ -14,12 +14,11 @@ the reference, value and reward forwards, and the epoch of policy and value upda
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import statistics
 import tempfile
-import time
 import warnings
+
+from peer_clock import clock, report  # bench/peers/, the script's own folder
 
 
 def main() -> None:
@@ -70,14 +69,7 @@ def main() -> None:
     for model in (rm, value):
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    marks: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, *_, **__):
-            marks.append(time.perf_counter())
+    timer, marks = clock(TrainerCallback)
 
     with tempfile.TemporaryDirectory() as out:
         config = PPOConfig(
@@ -110,23 +102,17 @@ def main() -> None:
             reward_model=rm,
             train_dataset=dataset,
             value_model=value,
-            callbacks=[Clock()],
+            callbacks=[timer],
         )
         trainer.train()
-    periods = [b - a for a, b in itertools.pairwise(marks)]
-    assert len(periods) == steps, f"{len(periods)} steps timed, {steps} expected"
-    timed = periods[args.warmup :]
-    print(
-        json.dumps(
-            {
-                "peer": "trl-ppo",
-                "seconds": statistics.median(timed),
-                "steps": [round(p, 4) for p in periods],
-                "threads": args.threads,
-                "rollouts": batch,
-                "new_tokens": args.new_tokens,
-            }
-        )
+    report(
+        "trl-ppo",
+        marks,
+        steps,
+        args.warmup,
+        threads=args.threads,
+        rollouts=batch,
+        new_tokens=args.new_tokens,
     )
 
 

@@ -1,0 +1,36 @@
+"""What the peer scripts share: a TRL callback that marks the end of every `every`-th optimizer
+step, and the one JSON line each prints for bench/common.py's `run_peer`. The scripts import it
+from their own folder (on sys.path when they run), in the peer's environment."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+from typing import Any
+
+
+def clock(callback_class: type, every: int = 1) -> tuple[Any, list[float]]:
+    """A callback (an instance of a subclass of TRL's `TrainerCallback`, given) and the list of
+    times it appends to: the start of training, then every `every`-th optimizer step's end."""
+    marks: list[float] = []
+
+    class Clock(callback_class):  # type: ignore[misc, valid-type]
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, _args: Any, state: Any, *__: Any, **___: Any) -> None:
+            if state.global_step % every == 0:
+                marks.append(time.perf_counter())
+
+    return Clock(), marks
+
+
+def report(peer: str, marks: list[float], expected: int, warmup: int, **figures: Any) -> None:
+    """Print the periods between the marks and their median after `warmup` as one JSON line."""
+    periods = [b - a for a, b in itertools.pairwise(marks)]
+    assert len(periods) == expected, f"{peer}: {len(periods)} periods timed, {expected} expected"
+    seconds = statistics.median(periods[warmup:])
+    line = {"peer": peer, "seconds": seconds, "periods": [round(p, 4) for p in periods]}
+    print(json.dumps({**line, **figures}))
