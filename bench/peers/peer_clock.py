@@ -1,14 +1,41 @@
-"""What the peer scripts share: a TRL callback that marks the end of every `every`-th optimizer
-step, and the one JSON line each prints for bench/common.py's `run_peer`. The scripts import it
-from their own folder (on sys.path when they run), in the peer's environment."""
+"""What the peer scripts share: their common arguments and set-up, a TRL callback that marks the
+end of every `every`-th optimizer step, and the one JSON line each prints for bench/common.py's
+`run_peer`. The scripts import it from their own folder (on sys.path when they run), in the
+peer's environment."""
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import statistics
 import time
 from typing import Any
+
+
+def parse(description: str, unit: str, extra: dict[str, dict[str, Any]]) -> argparse.Namespace:
+    """The workload's arguments (and `extra`'s, name: add_argument's keywords); then torch's
+    threads set and the libraries' warnings off."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--reward-model", required=True)
+    parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
+    parser.add_argument("--new-tokens", type=int, required=True)
+    parser.add_argument("--minibatch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help=f"{unit}s before timing")
+    for name, keywords in extra.items():
+        parser.add_argument(name, **keywords)
+    args = parser.parse_args()
+    import warnings
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+    return args
 
 
 def clock(callback_class: type, every: int = 1) -> tuple[Any, list[float]]:

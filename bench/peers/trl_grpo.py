@@ -14,37 +14,25 @@ An iteration is one generation batch and the optimizer steps over it."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
-import warnings
 
-from peer_clock import clock, report  # bench/peers/, the script's own folder
+from peer_clock import clock, parse, report  # bench/peers/, the script's own folder
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--policy", required=True)
-    parser.add_argument("--reward-model", required=True)
-    parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
-    parser.add_argument("--samples", type=int, default=4, help="responses per prompt")
-    parser.add_argument("--new-tokens", type=int, required=True)
-    parser.add_argument("--minibatch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=3, help="timed iterations")
-    parser.add_argument("--warmup", type=int, default=1, help="iterations before timing")
-    args = parser.parse_args()
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    args = parse(
+        __doc__.split("\n\n")[0],
+        "iteration",
+        {
+            "--samples": {"type": int, "default": 4, "help": "responses per prompt"},
+            "--iterations": {"type": int, "default": 3, "help": "timed iterations"},
+        },
+    )
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
-    from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    hf_logging.set_verbosity_error()
     with open(args.prompts) as f:
         prompts: list[list[int]] = json.load(f)
     tokenizer = AutoTokenizer.from_pretrained(args.policy)

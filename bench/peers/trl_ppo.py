@@ -13,30 +13,19 @@ the reference, value and reward forwards, and the epoch of policy and value upda
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
-import warnings
 
-from peer_clock import clock, report  # bench/peers/, the script's own folder
+from peer_clock import clock, parse, report  # bench/peers/, the script's own folder
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--policy", required=True)
-    parser.add_argument("--reward-model", required=True)
-    parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
-    parser.add_argument("--new-tokens", type=int, required=True)
-    parser.add_argument("--minibatch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=1, help="steps before timing")
-    args = parser.parse_args()
-
+    args = parse(
+        __doc__.split("\n\n")[0],
+        "step",
+        {"--steps": {"type": int, "default": 3, "help": "timed steps"}},
+    )
     import torch
-
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     from datasets import Dataset
     from transformers import (
         AutoModelForCausalLM,
@@ -44,10 +33,8 @@ def main() -> None:
         AutoTokenizer,
         TrainerCallback,
     )
-    from transformers.utils import logging as hf_logging
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    hf_logging.set_verbosity_error()
     with open(args.prompts) as f:
         prompts: list[list[int]] = json.load(f)
     batch = len(prompts)
