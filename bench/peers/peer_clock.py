@@ -12,6 +12,19 @@ import statistics
 import time
 from typing import Any
 
+TRAINING: dict[str, Any] = {
+    "report_to": [],
+    "save_strategy": "no",
+    "logging_steps": 10_000,
+    "use_cpu": True,
+    "bf16": False,
+    "fp16": False,
+    "seed": 0,
+    "dataloader_num_workers": 0,
+}
+"""TRL's training arguments that both workloads share: fp32 on the CPU, seed 0, nothing saved
+or reported."""
+
 
 def parse(description: str, unit: str, extra: dict[str, dict[str, Any]]) -> argparse.Namespace:
     """The workload's arguments (and `extra`'s, name: add_argument's keywords); then torch's

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import tempfile
 
-from peer_clock import clock, parse, report  # bench/peers/, the script's own folder
+from peer_clock import TRAINING, clock, parse, report  # bench/peers/, the script's own folder
 
 
 def main() -> None:
@@ -59,14 +59,7 @@ def main() -> None:
             temperature=1.0,
             beta=0.05,
             learning_rate=1e-6,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=10_000,
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            seed=0,
-            dataloader_num_workers=0,
+            **TRAINING,
         )
         trainer = GRPOTrainer(
             model=args.policy,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import tempfile
 
-from peer_clock import clock, parse, report  # bench/peers/, the script's own folder
+from peer_clock import TRAINING, clock, parse, report  # bench/peers/, the script's own folder
 
 
 def main() -> None:
@@ -72,14 +72,7 @@ def main() -> None:
             learning_rate=1e-6,
             kl_coef=0.05,
             num_sample_generations=0,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=10_000,
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            seed=0,
-            dataloader_num_workers=0,
+            **TRAINING,
         )
         trainer = PPOTrainer(
             args=config,
