@@ -263,3 +263,19 @@ def run_peer(
         "seconds_by_threads": {n: r["seconds"] for n, r in runs.items()},
         "runs": runs,
     }
+
+
+def peer_table(peer: dict[str, Any], title: str, unit: str, ours: dict[str, Any]) -> str:
+    """Our modes' seconds (`ours`: name -> result with "seconds") against a `run_peer` result:
+    the table's title names the peer (`title`) and its seconds per `unit` at its faster thread
+    count, with each count's."""
+    by = ", ".join(f"{n} threads {t:.2f} s" for n, t in peer["seconds_by_threads"].items())
+    return table(
+        f"against {title} on the same workload, in this run: {peer['seconds']:.2f} s per {unit} at "
+        f"its faster thread count ({by})",
+        ["mode", "seconds", f"× TRL's {unit}"],
+        [
+            [name, r["seconds"], f"{r['seconds'] / peer['seconds']:.2f}×"]
+            for name, r in ours.items()
+        ],
+    )

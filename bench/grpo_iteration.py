@@ -26,6 +26,7 @@ from pathlib import Path
 from bench.common import (
     NEW_TOKENS,
     ROLLOUTS,
+    peer_table,
     quiet,
     quiet_ray,
     run_peer,
@@ -110,12 +111,8 @@ def main() -> None:
                 f"{MINIBATCH}; median of {args.iterations} after {args.warmup} warm-up",
                 ["", "seconds", "vs floor"], rows))  # fmt: skip
     if trl is not None:
-        by = ", ".join(f"{n} threads {t:.2f} s" for n, t in trl["seconds_by_threads"].items())
-        print(table(f"against Hugging Face TRL's GRPOTrainer 1.16 on the same workload, in this "
-                    f"run: {trl['seconds']:.2f} s an iteration at its faster thread count ({by})",
-                    ["placement", "seconds", "× TRL's iteration"],
-                    [[name, x["seconds"], f"{x['seconds'] / trl['seconds']:.2f}×"]
-                     for name, x in (("separate", r), ("colocated", colocated))]))  # fmt: skip
+        ours = {"separate": r, "colocated": colocated}
+        print(peer_table(trl, "Hugging Face TRL's GRPOTrainer 1.16", "iteration", ours))
     path = write(
         "grpo_iteration" if args.model is None else f"grpo_iteration_{policy_dir.name}",
         {

@@ -36,6 +36,7 @@ from bench.common import (
     iteration_flops,
     matmul_gflops,
     median,
+    peer_table,
     quiet,
     quiet_ray,
     run_peer,
@@ -329,12 +330,8 @@ def main() -> None:
                   f"{r['useful_gflops'] / rate[str(cores)]:.0%}"]
                  for name, r in results.items()]))  # fmt: skip
     if trl is not None:
-        by = ", ".join(f"{n} threads {t:.2f} s" for n, t in trl["seconds_by_threads"].items())
-        print(table(f"against Hugging Face TRL's PPOTrainer 1.12 on the same workload, in this "
-                    f"run: {trl['seconds']:.2f} s a step at its faster thread count ({by})",
-                    ["mode", "seconds", "× TRL's step"],
-                    [[name.replace("_", " "), r["seconds"], f"{r['seconds'] / trl['seconds']:.2f}×"]
-                     for name, r in results.items()]))  # fmt: skip
+        ours = {name.replace("_", " "): r for name, r in results.items()}
+        print(peer_table(trl, "Hugging Face TRL's PPOTrainer 1.12", "step", ours))
     mem = [
         [f"{name.replace('_', ' ')}: {role}", gb]
         for name, r in results.items()

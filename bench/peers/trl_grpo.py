@@ -1,7 +1,7 @@
 """The peer: Hugging Face TRL's GRPOTrainer (its latest release, bench/peers/trl-grpo.txt) on our
 GRPO benchmark workload, timed iteration by iteration. It runs in its own virtual environment
-(`make peers`), never in ours, so it imports nothing of the project; bench/grpo_iteration.py
-starts it and reads the one JSON line it prints.
+(`make peers`), never in ours, so it imports nothing of the project but peer_clock.py beside it;
+bench/grpo_iteration.py starts it and reads the one JSON line it prints.
 
     .venv-peers/trl-grpo/bin/python bench/peers/trl_grpo.py --policy DIR --reward-model DIR \
         --prompts prompts.json --samples 4 --new-tokens 64 --minibatch 8 --threads 1

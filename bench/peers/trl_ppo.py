@@ -1,7 +1,8 @@
 """The peer: Hugging Face TRL's PPOTrainer (1.12, the last release that ships it, as
 trl.experimental.ppo) on one of our benchmark workloads, timed step by step. It runs in its own
 virtual environment (`make peers`: bench/peers/trl-ppo.txt), never in ours, so it imports nothing
-of the project; bench/ppo_iteration.py starts it and reads the one JSON line it prints.
+of the project but peer_clock.py beside it; bench/ppo_iteration.py starts it and reads the one
+JSON line it prints.
 
     .venv-peers/trl-ppo/bin/python bench/peers/trl_ppo.py --policy DIR --reward-model DIR \
         --prompts prompts.json --new-tokens 64 --minibatch 8 --threads 1
@@ -47,10 +48,8 @@ def main() -> None:
     def load(cls, path):
         return cls.from_pretrained(path, dtype=torch.float32)
 
-    policy, reference = (
-        load(AutoModelForCausalLM, args.policy),
-        load(AutoModelForCausalLM, args.policy),
-    )
+    policy = load(AutoModelForCausalLM, args.policy)
+    reference = load(AutoModelForCausalLM, args.policy)
     rm = load(AutoModelForSequenceClassification, args.reward_model)
     value = load(AutoModelForSequenceClassification, args.reward_model)
     for model in (rm, value):
