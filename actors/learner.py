@@ -65,6 +65,20 @@ class EngineSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _skip_muon_import() -> None:
+    """DeepSpeed's ZeRO optimizer check imports its Muon optimizer to add it to the supported
+    list, and that module calls `torch.compile` at import, which loads torch's inductor: about
+    2.5 CPU-seconds per rank at every start, for an optimizer we never build. Our optimizer is
+    AdamW, which the check finds in the list without that import."""
+    engine = importlib.import_module("deepspeed.runtime.engine")
+    utils = importlib.import_module("deepspeed.runtime.zero.utils")
+
+    def supported(optimizer: Any) -> bool:
+        return type(optimizer) in utils.ZERO_SUPPORTED_OPTIMIZERS
+
+    engine.is_zero_supported_optimizer = supported
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -118,6 +132,7 @@ class Learner(BusyClock):
         # On the CPU, init_distributed compiles a shared-memory op (about 90 s) that training
         # does not need; skip it (patch the module that DeepSpeed itself imports).
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        _skip_muon_import()
         import deepspeed
 
         deepspeed.init_distributed(
