@@ -241,8 +241,10 @@ def test_cli_refuses_a_malformed_data_line(tmp_path: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     ("overlap", "placement"),
-    [(False, "separate"), (True, "separate"), (False, "colocated")],
-    ids=["synchronous", "overlapped", "colocated"],
+    # the two placements, each in one of the two modes (the chaos test in test_faults.py runs
+    # separate roles in overlapped mode through a learner's loss and its checkpoint)
+    [(False, "separate"), (True, "colocated")],
+    ids=["synchronous-separate", "overlapped-colocated"],
 )
 def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(
     demo_run, short_eval, tmp_path: Path, overlap: bool, placement: str
@@ -339,48 +341,3 @@ def test_cli_refuses_a_batch_larger_than_the_data(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "sft.batch_size (400) is larger than the 64 usable demonstrations" in result.stderr
-
-
-@pytest.mark.e2e
-def test_overlapped_mode_learns_with_samples_at_most_one_version_behind(
-    demo_run, tmp_path: Path
-) -> None:
-    """The demo's PPO stage in overlapped mode: the engines generate the next batch while the
-    learners train, and the recipe still beats the SFT policy."""
-    import shutil
-
-    from tests.wandb_reader import history
-
-    demo, _ = demo_run
-    run_dir = tmp_path / "run"
-    shutil.copytree(demo / "task", run_dir / "task")
-    config = load_config(
-        ROOT / "configs" / "tiny.yaml",
-        [
-            f"output_dir={run_dir}",
-            "stages=[ppo]",
-            f"ppo.policy={demo / 'sft' / 'model'}",
-            f"ppo.reward_model={demo / 'rm' / 'model'}",
-            "ppo.overlap=true",
-        ],
-    )
-    summary = run(config, log=lambda _: None)
-    ppo, sft = summary["ppo"], summary["sft"]
-    assert ppo["winrate_vs_sft"] >= 0.75
-    assert ppo["labeler_score"] > sft["labeler_score"]
-
-    [wandb_run] = list((run_dir / "wandb").glob("offline-run-*"))
-    rows = history(wandb_run)
-    ppo_rows = [r for r in rows if "ppo/score" in r]
-    assert len(ppo_rows) == 60
-    # the first batch comes from the starting weights; every later one from the weights of one
-    # version before those it trains
-    assert [r["ppo/weight_version_lag"] for r in ppo_rows] == [0] + [1] * 59
-    # each sample carries the version that generated it: iteration k's (k >= 2) is k - 2
-    tables = [r for r in rows if r.get("ppo/samples/_type") == "table-file"]
-    assert len(tables) == 13
-    for t in tables:
-        table = json.loads((wandb_run / "files" / t["ppo/samples/path"]).read_text())
-        k = t["ppo/iteration"]
-        assert table["columns"][-1] == "version"
-        assert {row[-1] for row in table["data"]} == {max(k - 2, 0)}, k
