@@ -194,7 +194,8 @@ def test_a_reward_model_that_scores_nan_skips_updates_and_stops_the_run(
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize(("placement", "victim"), [("separate", "Learner"), ("colocated", "Host")])
+# separate roles lose a learner rank in the chaos run below (after its checkpoint 20)
+@pytest.mark.parametrize(("placement", "victim"), [("colocated", "Host")])
 def test_a_killed_learner_rank_brings_the_groups_back_from_the_last_checkpoint(
     demo_run, short_eval, tmp_path: Path, placement: str, victim: str
 ) -> None:
