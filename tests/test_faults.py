@@ -316,6 +316,7 @@ def test_chaos_a_role_killed_in_every_phase_and_the_run_still_reaches_the_demo_b
     ppo = summary["ppo"]
     assert ppo["iterations"] == 60
     assert ppo["winrate_vs_sft"] >= 0.75, ppo
+    assert ppo["labeler_score"] > summary["sft"]["labeler_score"]
     # every iteration ran once in the trained history: the stream stands where 60 batches of
     # prompts from the start leave it (none skipped, none taken twice)
     driver = json.loads((tmp_path / "run" / "ppo" / "checkpoints" / "iter-000060" / "driver.json")

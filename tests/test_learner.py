@@ -124,3 +124,43 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(
         assert "skipped" not in metrics and metrics["loss"] > 0
         moved = group.state_dict()
         assert any(not torch.equal(before[n], moved[n]) for n in before)
+
+
+# The two ranks of a ZeRO-2 learner built in fresh processes (that have not imported DeepSpeed's
+# optimizers yet): the ZeRO optimizer check passes for AdamW without importing DeepSpeed's Muon
+# optimizer, whose module calls torch.compile at import (a CPU-second of every start; ZeRO-3
+# imports it for a check of its own).
+_BUILD_RANK = """
+import sys
+from actors.learner import EngineSpec, Learner, ModelSpec, OptimSpec
+learner = Learner(int(sys.argv[3]), 2)
+learner.init_distributed(("127.0.0.1", int(sys.argv[2])), EngineSpec(zero_stage=2))
+print(learner.build(ModelSpec(sys.argv[1]), OptimSpec(lr=1e-4)))
+print(type(learner.engine.optimizer).__name__)
+print("deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules)
+"""
+
+
+def test_zero2_ranks_start_without_importing_deepspeeds_muon(small_task: Path) -> None:
+    import subprocess
+    import sys
+
+    from actors.learner import _free_port
+
+    port = str(_free_port())
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUILD_RANK, str(small_task / "base_model"), port, str(rank)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for rank in (0, 1)
+    ]
+    for rank in ranks:
+        out, err = rank.communicate(timeout=300)
+        assert rank.returncode == 0, err[-3000:]
+        parameters, optimizer, muon = out.split()[-3:]
+        assert int(parameters) > 0 and optimizer == "DeepSpeedZeroOptimizer"
+        assert muon == "False"

@@ -133,6 +133,8 @@ def test_the_reward_is_a_weighted_sum_of_the_rm_a_function_and_an_endpoint(
     (returns normalised over the batch, no critic)."""
     import json
 
+    from safetensors.torch import load_file
+
     from tests.wandb_reader import history
 
     demo, _ = demo_run
@@ -164,8 +166,6 @@ def test_the_reward_is_a_weighted_sum_of_the_rm_a_function_and_an_endpoint(
     rows = [r for r in history(next((run_dir / "wandb").glob("offline-run-*"))) if "ppo/score" in r]
     assert len(rows) == 3
     assert all(r["ppo/tokens"] > 0 and "ppo/value_loss" not in r for r in rows)
-    from safetensors.torch import load_file
-
     trained = load_file(run_dir / "ppo" / "policy" / "model.safetensors")
     start = load_file(demo / "sft" / "model" / "model.safetensors")
     assert any(not (trained[n] == start[n]).all() for n in trained)  # it trained
