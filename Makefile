@@ -101,6 +101,7 @@ bench: $(STAMP) $(PEER_ENVS)
 	$(PY) -m bench.ppo_iteration
 	$(PY) -m bench.grpo_iteration
 	$(PY) -m bench.scaling
+	$(PY) -m bench.role_start
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .mypy_cache
