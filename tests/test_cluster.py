@@ -1,6 +1,6 @@
 """Running on a cluster: the launcher configs, placement per role from the run config, rollout
-engines scaled by the config, job submission to a real two-node Ray cluster with token
-authentication, and a run that makes Ray's fake multi-node autoscaler add nodes."""
+engines scaled by the config, and a job submitted to a real multi-node Ray cluster with token
+authentication that Ray's fake multi-node autoscaler grows for the run's engines."""
 
 from __future__ import annotations
 
@@ -253,17 +253,38 @@ def _files_containing(folder: Path, needle: str) -> list[Path]:
 
 
 @pytest.mark.integration
-def test_a_submitted_run_places_each_role_on_the_node_its_resources_name(
+def test_a_submitted_run_grows_the_cluster_and_places_each_role_on_the_node_its_resources_name(
     demo_run, short_eval, ray_cluster, tmp_path: Path
 ) -> None:
+    """A job submitted to a two-node-type cluster with token authentication and Ray's fake
+    multi-node autoscaler: the engines do not fit the head, the run waits for the autoscaler,
+    which adds a rollout node for each engine; every role runs on the node its resources name."""
     import ray
 
     demo, _ = demo_run
     run_dir = tmp_path / "run"
     key = "planted-wandb-key-" + os.urandom(8).hex()
     with LocalNodes() as nodes:
-        nodes.start_head(2, {"learner_node": 4})
-        nodes.add_worker(2, {"rollout_node": 4})
+        head = {"CPU": 2, "learner_node": 4}
+        spec = tmp_path / "autoscaler.json"
+        # a rollout node takes one engine (1.5 of its 2 rollout_node) and a scorer or two
+        rollout_node = {"CPU": 1, "rollout_node": 2}
+        workers = {
+            "rollout": {
+                "resources": rollout_node,
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 2,
+            }
+        }
+        spec.write_text(json.dumps(_fake_autoscaler(nodes.address, head, workers)))
+        nodes.start_head(
+            2,
+            {"learner_node": 4},
+            autoscaling_config=spec,
+            extra_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+        )
+        assert len(_nodes_by_id(nodes)) == 1
 
         # token authentication is on: a client without the token is refused, and told why
         no_token = {k: v for k, v in nodes.env.items() if not k.startswith("RAY_AUTH")}
@@ -273,52 +294,56 @@ def test_a_submitted_run_places_each_role_on_the_node_its_resources_name(
         submitted = _cli(
             "submit",
             "configs/tiny.yaml",
-            *_ppo_only(demo, run_dir, iterations=4, short_eval=short_eval),
+            *_ppo_only(demo, run_dir, iterations=3, short_eval=short_eval),
             "learner.resources_per_rank={learner_node: 1}",
             "ppo.critic.resources_per_rank={learner_node: 1}",
-            "rollout.resources_per_engine={rollout_node: 1}",
-            "reward.resources={rollout_node: 1}",
-            "reference.resources={rollout_node: 1}",
+            "rollout.engines=2",
+            "rollout.cpus_per_engine=0.5",
+            "rollout.resources_per_engine={rollout_node: 1.5}",
+            "reward.resources={rollout_node: 0.25}",
+            "reference.resources={rollout_node: 0.25}",
+            "ray.autoscaling=true",
+            "ray.autoscaling_timeout_s=300",
             "--address",
             nodes.dashboard,
             "--job-id",
-            "two-node-ppo",
+            "grown-ppo",
             "--follow",
             env={**nodes.env, "WANDB_API_KEY": key},
             timeout=900,
         )
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-        assert "job two-node-ppo: SUCCEEDED" in submitted.stdout
+        assert "job grown-ppo: SUCCEEDED" in submitted.stdout
+        assert "rollout: 2 × {CPU: 0.5, rollout_node: 1.5} does not fit" in submitted.stdout
+        assert "waiting up to 300 s for the autoscaler" in submitted.stdout
         assert f"W&B (offline): {run_dir / 'wandb'}" in submitted.stdout
 
         # the figures of the PPO stage
         summary = json.loads((run_dir / "summary.json").read_text())
         ppo, sft = summary["ppo"], summary["sft"]
-        assert ppo["iterations"] == 4
+        assert ppo["iterations"] == 3
         for figure in ("winrate_vs_sft", "labeler_score", "kl_to_sft", "heldout_demo_loss"):
             assert figure in ppo
         assert ppo["rm_score"] > sft["rm_score"]
         assert ppo["tokens_per_second"] > 0
 
-        # each role ran on the node that offers the resource it asked for
-        placement = json.loads((run_dir / "ppo" / "placement.json").read_text())
+        # the cluster grew by two rollout nodes, the engines ran there, one on each, and each
+        # other role ran on the node that offers the resource it asked for
         listed = _nodes_by_id(nodes)
-        assert len(listed) == 2
-        wanted = {
-            "rollout": "rollout_node",
-            "reward": "rollout_node",
-            "reference": "rollout_node",
-            "policy": "learner_node",
-            "critic": "learner_node",
-        }
+        added = {i for i, n in listed.items() if "rollout_node" in n["resources_total"]}
+        assert len(listed) == 3 and len(added) == 2
+        placement = json.loads((run_dir / "ppo" / "placement.json").read_text())
+        assert sorted(rank["node_id"] for rank in placement["rollout"]) == sorted(added)
+        wanted = {"reward": "rollout_node", "reference": "rollout_node"}
+        wanted |= {"policy": "learner_node", "critic": "learner_node"}
         for role, resource in wanted.items():
             for rank in placement[role]:
                 assert resource in listed[rank["node_id"]]["resources_total"], (role, rank)
 
         # the other job commands
         jobs = _cli("jobs", "--address", nodes.dashboard, env=nodes.env)
-        assert jobs.returncode == 0 and "two-node-ppo  SUCCEEDED" in jobs.stdout
-        logs = _cli("logs", "two-node-ppo", "--address", nodes.dashboard, env=nodes.env)
+        assert jobs.returncode == 0 and "grown-ppo  SUCCEEDED" in jobs.stdout
+        logs = _cli("logs", "grown-ppo", "--address", nodes.dashboard, env=nodes.env)
         assert logs.returncode == 0 and "ppo: RM score" in logs.stdout
         _cli(
             "submit",
@@ -342,7 +367,8 @@ def test_a_submitted_run_places_each_role_on_the_node_its_resources_name(
                 assert secret not in text
             assert _files_containing(run_dir, secret) == []
         assert nodes.processes()
-    # the test's cluster is gone, every process of it, and the session's cluster still works
+    # the test's cluster is gone, every process of it (the autoscaler's nodes too), and the
+    # session's cluster still works
     assert nodes.processes() == []
     assert ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60) == 42
 
@@ -382,62 +408,3 @@ def _fake_autoscaler(gcs_address: str, head: dict, workers: dict) -> dict:
         "rsync_filter": [],
         "auth": {"ssh_user": "ubuntu"},
     }
-
-
-@pytest.mark.integration
-def test_engines_that_do_not_fit_make_the_autoscaler_add_nodes(
-    demo_run, short_eval, tmp_path: Path
-) -> None:
-    demo, _ = demo_run
-    run_dir = tmp_path / "run"
-    with LocalNodes() as nodes:
-        head = {"CPU": 2, "learner_node": 4}
-        spec = tmp_path / "autoscaler.json"
-        spec.write_text(
-            json.dumps(
-                _fake_autoscaler(
-                    nodes.address,
-                    head,
-                    {
-                        "rollout": {
-                            "resources": {"CPU": 1, "rollout_node": 1},
-                            "node_config": {},
-                            "min_workers": 0,
-                            "max_workers": 2,
-                        }
-                    },
-                )
-            )
-        )
-        nodes.start_head(
-            2,
-            {"learner_node": 4},
-            autoscaling_config=spec,
-            extra_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
-        )
-        assert len(_nodes_by_id(nodes)) == 1
-        done = _cli(
-            "run",
-            "configs/tiny.yaml",
-            *_ppo_only(demo, run_dir, iterations=2, short_eval=short_eval),
-            "rollout.engines=2",
-            "rollout.cpus_per_engine=0.5",
-            "rollout.resources_per_engine={rollout_node: 1}",
-            f"ray.address={nodes.address}",
-            "ray.autoscaling=true",
-            "ray.autoscaling_timeout_s=300",
-            env=nodes.env,
-            timeout=900,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "rollout: 2 × {CPU: 0.5, rollout_node: 1} does not fit" in done.stdout
-        assert "waiting up to 300 s for the autoscaler" in done.stdout
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["ppo"]["iterations"] == 2
-        # the cluster grew by two rollout nodes, and the engines ran there, one on each
-        listed = _nodes_by_id(nodes)
-        added = {i for i, n in listed.items() if "rollout_node" in n["resources_total"]}
-        assert len(listed) == 3 and len(added) == 2
-        placement = json.loads((run_dir / "ppo" / "placement.json").read_text())
-        assert {rank["node_id"] for rank in placement["rollout"]} == added
-    assert nodes.processes() == []

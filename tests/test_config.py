@@ -108,3 +108,15 @@ def test_ppo_batches_must_divide(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"ppo\.minibatch_size \(9\) must be a multiple"):
         load_config(_write(tmp_path, "ppo: {rollout_batch: 18, minibatch_size: 9}\n"))
+
+
+def test_a_chunk_holds_a_prompt_for_each_critic_rank(tmp_path: Path) -> None:
+    """rollout.chunk_size unset: each engine's share of the batch is one chunk, which each critic
+    rank must have a part of, as with a chunk size that is set."""
+    ppo = "ppo: {rollout_batch: 8, minibatch_size: 8, critic: {ranks: 4}}\n"
+    assert load_config(_write(tmp_path, ppo + "rollout: {engines: 2}\n")).rollout.chunk_size is None
+    wanted = r"rollout\.chunk_size must be at least ppo\.critic\.ranks \(a chunk is 2 prompts"
+    with pytest.raises(ConfigError, match=wanted):
+        load_config(_write(tmp_path, ppo + "rollout: {engines: 4}\n"))
+    with pytest.raises(ConfigError, match=r"\(a chunk is 3 prompts"):
+        load_config(_write(tmp_path, ppo + "rollout: {engines: 1, chunk_size: 3}\n"))

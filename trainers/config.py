@@ -179,8 +179,12 @@ class RunConfig(Section):
                 "ppo.critic_model must be set: the critic starts from the reward model by "
                 "default, and reward.sources holds none (or choose a critic-free ppo.advantage)"
             )
-        if ppo.advantage == "gae" and self.rollout.chunk_size < ppo.critic.ranks:
-            raise ValueError("rollout.chunk_size must be at least ppo.critic.ranks")
+        chunk = self.rollout.chunk_size or -(-ppo.rollout_batch // self.rollout.engines)
+        if ppo.advantage == "gae" and chunk < ppo.critic.ranks:
+            raise ValueError(
+                f"rollout.chunk_size must be at least ppo.critic.ranks (a chunk is {chunk} "
+                "prompts: each critic rank values a part of it)"
+            )
         for field, resources in (
             ("learner.resources_per_rank", self.learner.resources_per_rank),
             ("ppo.critic.resources_per_rank", self.ppo.critic.resources_per_rank),
