@@ -315,3 +315,24 @@ def test_the_driver_state_goes_back_to_the_start_keeping_the_starting_evaluation
     assert (state.iteration, state.tokens, state.kl.beta) == (0, 0.0, config.ppo.kl.beta)
     assert state.stream.state() == [0, 0]
     assert state.before == {"scores": [1.0]} and state.sft_demo_loss == 0.5
+
+
+def test_a_response_cut_at_the_token_limit_pays_the_missing_eos_penalty() -> None:
+    """ppo.missing_eos_penalty comes off the reward of a response without its end token, before
+    the reward is scaled and clipped; the logged score stays the sources' own."""
+    samples = [
+        {"prompt_ids": [1], "response_ids": [5, 2], "logprobs": [-1.0, -0.5], "finished": True,
+         "version": 0, "engine": 0},
+        {"prompt_ids": [1], "response_ids": [7, 7], "logprobs": [-2.0, -1.0], "finished": False,
+         "version": 0, "engine": 0},
+    ]  # fmt: skip
+    common = {"beta": 0.0, "estimator": "k1", "gamma": 1.0, "lam": 1.0, "reward_scale": 2.0}
+    args = (samples, [1.0, 1.0], [[-1.0, -0.5], [-2.0, -1.0]], [[0.0, 0.0], [0.0, 0.0]])
+    plain, _ = make_experience(*args, reward_clip=5.0, **common)
+    assert [s["score"] for s in plain] == [0.5, 0.5]
+    chunk, stats = make_experience(*args, reward_clip=5.0, missing_eos_penalty=3.0, **common)
+    assert [s["score"] for s in chunk] == [0.5, -1.0]  # (1 - 3) / 2
+    assert chunk[1]["returns"] == [-1.0, -1.0] and chunk[0]["returns"] == [0.5, 0.5]
+    assert summarize([stats])["score"] == 1.0
+    clipped, _ = make_experience(*args, reward_clip=0.75, missing_eos_penalty=3.0, **common)
+    assert [s["score"] for s in clipped] == [0.5, -0.75]

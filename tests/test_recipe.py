@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.test_faults import _Chaos
 from trainers.config import load_config
 from trainers.pipeline import StageConflict, run
 
@@ -249,6 +250,10 @@ def test_cli_refuses_a_malformed_data_line(tmp_path: Path) -> None:
 def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(
     demo_run, short_eval, tmp_path: Path, overlap: bool, placement: str
 ) -> None:
+    """A run killed (its driver, SIGKILL) while it writes its final checkpoint refuses to start
+    again without --resume, and resumed ends with the weights of a run that never stopped.
+    Colocated, the killed run first loses a worker (a rank of every role) after its first
+    checkpoint and brings the groups back from it within the run."""
     import os
     import shutil
     import signal
@@ -273,6 +278,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(
         f"ppo.overlap={str(overlap).lower()}",
         # colocated: a worker per learner rank hosts a part of every role
         f"placement={placement}",
+        "learner.collective_timeout_s=60",  # a rank left in a collective with a dead one
         *short_eval,
         # a second driver on this session's cluster: killing it leaves no Ray process behind
         f"ray.address={ray.get_runtime_context().gcs_address}",
@@ -288,13 +294,22 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(
     # killed while it writes its second checkpoint (the final one, after iteration 4)
     latest = run_dir / "ppo" / "checkpoints" / "latest"
     writing = run_dir / "ppo" / "checkpoints" / "iter-000004.tmp"
+    chaos = _Chaos(latest)
+    if placement == "colocated":  # a worker, somewhere in iteration 3
+        chaos.kill("Host", chaos.at_checkpoint(2), jitter=1.0)
     deadline = time.time() + 600
     while not writing.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    assert writing.exists(), first.stdout.read()[-3000:]
+    chaos.join()
+    said = first.stdout.read()
+    assert writing.exists(), said[-3000:]
     assert latest.read_text().strip() == "iter-000002"  # the pointer had not moved
+    if placement == "colocated":
+        assert chaos.killed == ["Host"]
+        lost = [line for line in said.splitlines() if "lost a rank" in line]
+        assert len(lost) == 1 and lost[0].endswith("iter-000002"), said[-3000:]
 
     refused = _cli("run", *args)
     assert refused.returncode == 2

@@ -205,6 +205,9 @@ class PPOConfig(Section):
     estimator's usual choice (gae and reinforce++ yes, grpo and rloo no)"""
     reward_clip: float | None = Field(default=5.0, gt=0)
     """clip RM scores to ±this; null: no clipping"""
+    missing_eos_penalty: float = Field(default=0.0, ge=0)
+    """subtracted from the reward of a response cut at max_new_tokens (no end token), as TRL's
+    missing_eos_penalty: it teaches the policy to finish within the limit; 0: none"""
     normalize_reward: bool = False
     """divide RM scores by their running standard deviation over the earlier iterations"""
     ptx_coef: float = Field(default=0.0, ge=0)

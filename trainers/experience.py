@@ -54,12 +54,15 @@ def make_experience(
     group_std: bool = True,
     drop_zero_signal: bool = False,
     drop_nonfinite: bool = False,
+    missing_eos_penalty: float = 0.0,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """parts, in order: the scores of the reward's other sources (`extra_scores` of them), the
     critic ranks' values of their contiguous shares in rank order (`value_parts`; default: all
     parts left before the policy's; none without a critic), then the policy ranks' log-probs of
     theirs (the last `policy_parts`; ppo.old_logprobs=learner). The reward is the sources' sum
-    weighted by `score_weights`, divided by `reward_scale`, then clipped to ±reward_clip.
+    weighted by `score_weights`, less `missing_eos_penalty` for a response cut at the token
+    limit (not `finished`), divided by `reward_scale`, then clipped to ±reward_clip; the
+    figures' score is the sources' sum alone.
 
     A chunk holds whole groups: its samples are its prompts' `group_size` responses, a prompt's
     one after the other. `advantage` names the estimator (trainers.advantages); `beta` is the KL
@@ -79,7 +82,8 @@ def make_experience(
     ref = _pad(ref_logprobs, width)
     vals = _pad(values, width)
     raw = combine_scores(sources, score_weights)  # (B,)
-    score = normalize_scores(raw, reward_scale, reward_clip)
+    cut = torch.tensor([0.0 if s["finished"] else 1.0 for s in samples])
+    score = normalize_scores(raw - missing_eos_penalty * cut, reward_scale, reward_clip)
     kl = kl_estimate(logp, ref, estimator) * mask  # (B, A)
     group = torch.arange(len(samples)) // group_size  # (B,) the prompt of each sample
     if advantage == "gae":

@@ -180,6 +180,7 @@ def join(config: RunConfig, roles: Roles, rollout: Rollout, done: Any, i: int) -
             gamma=cfg.gamma,
             lam=cfg.lam,
             reward_clip=cfg.reward_clip,
+            missing_eos_penalty=cfg.missing_eos_penalty,
             reward_scale=rollout.reward_scale,
             advantage=cfg.advantage,
             group_size=cfg.n_samples_per_prompt,
