@@ -10,12 +10,12 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.chaos import Chaos, live_pids
 from tests.conftest import ROOT
 
 
@@ -33,72 +33,6 @@ def _config(demo: Path, out: Path, *extra: str):
             *extra,
         ],
     )
-
-
-def _alive(actor_class: str) -> list[int]:
-    """The processes of this session's cluster's live actors of `actor_class`."""
-    from ray._private.state import actors  # the GCS's actor table (no dashboard needed)
-
-    live = [a for a in actors().values() if a["State"] == "ALIVE" and a["Pid"]]
-    return [a["Pid"] for a in live if a["ActorClassName"] == actor_class]
-
-
-class _Chaos:
-    """SIGKILLs a role's process from outside (as the OOM killer would) when the run reaches a
-    chosen point: a line of its log, or a checkpoint named in `latest`."""
-
-    def __init__(self, latest: Path, seed: int | None = None) -> None:
-        self.latest, self.rng = latest, random.Random(seed)
-        self.lines: list[str] = []
-        self.killed: list[str] = []
-        self.threads: list[threading.Thread] = []
-
-    def log(self, line: str) -> None:
-        self.lines.append(line)
-
-    def kill(self, actor_class: str, after: Callable[[], bool], jitter: float = 0.5) -> None:
-        """Kill a live actor of `actor_class` once `after()` is true (then a random 0 to
-        `jitter` s later)."""
-
-        def watch() -> None:
-            deadline = time.time() + 1200
-            while not after() and time.time() < deadline:
-                time.sleep(0.02)
-            time.sleep(self.rng.uniform(0.0, jitter))
-            while time.time() < deadline:
-                alive = _alive(actor_class)
-                if alive:
-                    os.kill(self.rng.choice(alive), signal.SIGKILL)
-                    self.killed.append(actor_class)
-                    return
-                time.sleep(0.02)
-
-        thread = threading.Thread(target=watch, daemon=True)
-        thread.start()
-        self.threads.append(thread)
-
-    def said(self, start: str) -> Callable[[], bool]:
-        return lambda: any(line.startswith(start) for line in self.lines)
-
-    def at_checkpoint(self, iteration: int) -> Callable[[], bool]:
-        return self.at(self.latest, f"iter-{iteration:06d}")
-
-    @staticmethod
-    def at(latest: Path, name: str | None = None) -> Callable[[], bool]:
-        """True once `latest` names checkpoint `name` (any, if None)."""
-
-        def reached() -> bool:
-            try:
-                text = latest.read_text().strip()
-            except FileNotFoundError:
-                return False
-            return text == name if name else bool(text)
-
-        return reached
-
-    def join(self) -> None:
-        for thread in self.threads:
-            thread.join(timeout=5)
 
 
 @pytest.mark.integration
@@ -222,7 +156,7 @@ def test_chaos_a_role_killed_in_every_phase_and_the_run_still_reaches_the_demo_b
         "ppo.checkpoint_every=10",
         "learner.collective_timeout_s=60",
     )
-    chaos = _Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
+    chaos = Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
     chaos.kill("RolloutEngine", lambda: True)  # as the roles start
     chaos.kill("RolloutEngine", chaos.said("ppo: 1 engine(s), policy on"))  # the first evaluation
     chaos.kill("RewardModel", chaos.at_checkpoint(10))
@@ -235,7 +169,7 @@ def test_chaos_a_role_killed_in_every_phase_and_the_run_still_reaches_the_demo_b
         receiving = submit_sync(self, version)
         if version == 45 and "RolloutEngine during sync" not in chaos.killed:
             # the engine dies while the weights are on their way to it
-            [engine] = _alive("RolloutEngine")
+            [engine] = live_pids("RolloutEngine")
             os.kill(engine, signal.SIGKILL)
             chaos.killed.append("RolloutEngine during sync")
         return receiving
@@ -317,7 +251,7 @@ def test_a_hung_reference_in_the_final_evaluation_is_found_at_its_deadline_and_r
         "learner.collective_timeout_s=15",
         *short_eval,
     )
-    chaos = _Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
+    chaos = Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
     stopped: list[int] = []
     ended = threading.Event()  # the run returned or failed: the thread stops looking
 
@@ -325,7 +259,7 @@ def test_a_hung_reference_in_the_final_evaluation_is_found_at_its_deadline_and_r
         while not chaos.at_checkpoint(2)():
             if ended.wait(0.02):
                 return
-        [pid] = _alive("ReferencePolicy")
+        [pid] = live_pids("ReferencePolicy")
         os.kill(pid, signal.SIGSTOP)
         stopped.append(pid)
 
@@ -365,7 +299,7 @@ def test_learner_ranks_killed_in_sft_and_rm_come_back_from_the_stages_checkpoint
         ROOT / "configs" / "tiny.yaml",
         [f"output_dir={tmp_path / 'run'}", "stages=[sft, rm]", "wandb.mode=disabled"],
     )
-    chaos = _Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
+    chaos = Chaos(tmp_path / "run" / "ppo" / "checkpoints" / "latest")
     sft_first = f"step-{2000 // config.sft.batch_size:06d}"  # the first epoch's end
     chaos.kill("Learner", chaos.at(tmp_path / "run" / "sft" / "checkpoints" / "latest", sft_first))
     chaos.kill("Learner", chaos.at(tmp_path / "run" / "rm" / "checkpoints" / "latest"))

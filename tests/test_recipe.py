@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.chaos import Chaos
 from tests.conftest import ROOT
-from tests.test_faults import _Chaos
 from trainers.config import load_config
 from trainers.pipeline import StageConflict, run
 
@@ -294,7 +294,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(
     # killed while it writes its second checkpoint (the final one, after iteration 4)
     latest = run_dir / "ppo" / "checkpoints" / "latest"
     writing = run_dir / "ppo" / "checkpoints" / "iter-000004.tmp"
-    chaos = _Chaos(latest)
+    chaos = Chaos(latest)
     if placement == "colocated":  # a worker, somewhere in iteration 3
         chaos.kill("Host", chaos.at_checkpoint(2), jitter=1.0)
     deadline = time.time() + 600
