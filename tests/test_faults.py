@@ -143,6 +143,7 @@ def test_chaos_a_role_killed_in_every_phase_and_the_run_still_reaches_the_demo_b
 
     from tests.wandb_reader import history
     from trainers.pipeline import run
+    from trainers.rl.checkpoints import Checkpoints
     from trainers.rl.inputs import PromptStream
     from trainers.rl.roles import Roles
 
@@ -162,8 +163,7 @@ def test_chaos_a_role_killed_in_every_phase_and_the_run_still_reaches_the_demo_b
     chaos.kill("RewardModel", chaos.at_checkpoint(10))
     chaos.kill("Learner", chaos.at_checkpoint(20))
     chaos.kill("ReferencePolicy", chaos.at_checkpoint(30))
-    chaos.kill("RolloutEngine", chaos.at_checkpoint(60), jitter=0.0)  # after the last iteration
-    submit_sync = Roles.submit_sync
+    submit_sync, save = Roles.submit_sync, Checkpoints.save
 
     def sync_under_fire(self: Roles, version: int) -> list[Any]:
         receiving = submit_sync(self, version)
@@ -174,13 +174,25 @@ def test_chaos_a_role_killed_in_every_phase_and_the_run_still_reaches_the_demo_b
             chaos.killed.append("RolloutEngine during sync")
         return receiving
 
+    def save_then_kill(self: Checkpoints, iteration: int, roles: Roles, driver: Any) -> Path:
+        folder = save(self, iteration, roles, driver)
+        if iteration == 60:
+            # the engine dies as the final checkpoint is written: in the driver's thread, so
+            # that the evaluation after training always meets it dead (a watching thread can
+            # come too late, once the run has ended)
+            [engine] = live_pids("RolloutEngine")
+            os.kill(engine, signal.SIGKILL)
+            chaos.killed.append("RolloutEngine at the last checkpoint")
+        return folder
+
     monkeypatch.setattr(Roles, "submit_sync", sync_under_fire)
+    monkeypatch.setattr(Checkpoints, "save", save_then_kill)
     summary = run(config, log=chaos.log)
     chaos.join()
     lines = chaos.lines
     assert sorted(chaos.killed) == sorted(
         ["RolloutEngine", "RolloutEngine", "RewardModel", "Learner", "ReferencePolicy",
-         "RolloutEngine during sync", "RolloutEngine"]
+         "RolloutEngine during sync", "RolloutEngine at the last checkpoint"]
     ), lines  # fmt: skip
     ppo = summary["ppo"]
     assert ppo["iterations"] == 60

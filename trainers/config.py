@@ -179,7 +179,7 @@ class RunConfig(Section):
                 "ppo.critic_model must be set: the critic starts from the reward model by "
                 "default, and reward.sources holds none (or choose a critic-free ppo.advantage)"
             )
-        chunk = self.rollout.chunk_size or -(-ppo.rollout_batch // self.rollout.engines)
+        chunk = self.chunk_size(ppo.rollout_batch)
         if ppo.advantage == "gae" and chunk < ppo.critic.ranks:
             raise ValueError(
                 f"rollout.chunk_size must be at least ppo.critic.ranks (a chunk is {chunk} "
@@ -236,6 +236,19 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir)
+
+    @property
+    def engine_count(self) -> int:
+        """The rollout engines: rollout.engines, or one in each colocated learner worker."""
+        return self.learner.ranks if self.placement == "colocated" else self.rollout.engines
+
+    def chunk_size(self, prompts: int) -> int:
+        """How many of `prompts` an engine takes at once: rollout.chunk_size, or less where that
+        would leave a colocated worker without a share; unset, each engine's share at once."""
+        size, share = self.rollout.chunk_size, -(-prompts // self.engine_count)
+        if size is None:
+            return share
+        return min(size, share) if self.placement == "colocated" else size
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -282,12 +282,7 @@ class Roles:
         ]
 
     def chunk_size(self, prompts: int) -> int:
-        """How many prompts an engine takes at once: rollout.chunk_size, or less where that
-        would leave a colocated worker without a share; unset, each engine's share at once."""
-        size, share = self.config.rollout.chunk_size, -(-prompts // self.engines.n)
-        if size is None:
-            return share
-        return min(size, share) if self.hosts is not None else size
+        return self.config.chunk_size(prompts)
 
     def _scorer(
         self,
