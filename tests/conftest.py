@@ -53,6 +53,38 @@ def ray_cluster():
         yield runtime
 
 
+@pytest.fixture(autouse=True)
+def no_actor_outlives_its_test(request: pytest.FixtureRequest):
+    """Every actor a test starts on the session's cluster is gone when it ends (a role left
+    running would hold CPUs and memory that the tests after it need); those of the longer-lived
+    fixtures, up before the test, may stay."""
+    import ray
+
+    def live() -> dict[str, str]:
+        from ray._private.state import actors  # the GCS's actor table
+
+        return {
+            key: f"{a['ActorClassName']} (pid {a['Pid']}, {a['State']})"
+            for key, a in actors().items()
+            if a["State"] != "DEAD"
+        }
+
+    watched = "ray_cluster" in request.fixturenames and ray.is_initialized()
+    before = set(live()) if watched else set()
+    yield
+    if not watched or not ray.is_initialized():
+        return
+    import time
+
+    deadline = time.time() + 20  # a killed actor is marked dead within moments
+    while True:
+        left = {k: v for k, v in live().items() if k not in before}
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert not left, f"actors still alive after the test: {', '.join(sorted(left.values()))}"
+
+
 @pytest.fixture(scope="session")
 def demo_run(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The demo's config (configs/tiny.yaml) run once through SFT, RM and PPO: its folder and
