@@ -54,6 +54,13 @@ class Chaos:
         thread.start()
         self.threads.append(thread)
 
+    def kill_now(self, actor_class: str, label: str) -> None:
+        """Kill the one live actor of `actor_class` at once, in the caller's thread (a point of
+        the driver's own code, which a watching thread could reach too late)."""
+        [pid] = live_pids(actor_class)
+        os.kill(pid, signal.SIGKILL)
+        self.killed.append(label)
+
     def said(self, start: str) -> Callable[[], bool]:
         return lambda: any(line.startswith(start) for line in self.lines)
 

@@ -169,20 +169,15 @@ def test_chaos_a_role_killed_in_every_phase_and_the_run_still_reaches_the_demo_b
         receiving = submit_sync(self, version)
         if version == 45 and "RolloutEngine during sync" not in chaos.killed:
             # the engine dies while the weights are on their way to it
-            [engine] = live_pids("RolloutEngine")
-            os.kill(engine, signal.SIGKILL)
-            chaos.killed.append("RolloutEngine during sync")
+            chaos.kill_now("RolloutEngine", "RolloutEngine during sync")
         return receiving
 
     def save_then_kill(self: Checkpoints, iteration: int, roles: Roles, driver: Any) -> Path:
         folder = save(self, iteration, roles, driver)
         if iteration == 60:
-            # the engine dies as the final checkpoint is written: in the driver's thread, so
-            # that the evaluation after training always meets it dead (a watching thread can
-            # come too late, once the run has ended)
-            [engine] = live_pids("RolloutEngine")
-            os.kill(engine, signal.SIGKILL)
-            chaos.killed.append("RolloutEngine at the last checkpoint")
+            # the engine dies as the final checkpoint is written, so that the evaluation after
+            # training always meets it dead
+            chaos.kill_now("RolloutEngine", "RolloutEngine at the last checkpoint")
         return folder
 
     monkeypatch.setattr(Roles, "submit_sync", sync_under_fire)

@@ -29,7 +29,7 @@ def sample_policy(
     # the policy (common random numbers).
     seed = config.seed * 1_000_003
     prompt_ids = [p["prompt_ids"] for p in inputs.heldout_prompts]
-    refs = generate(roles, chunked(prompt_ids, roles.chunk_size(len(prompt_ids))), sampling, seed)
+    refs = generate(roles, chunked(prompt_ids, config.chunk_size(len(prompt_ids))), sampling, seed)
     order = sorted(refs, key=refs.__getitem__)
     timeout = config.learner.collective_timeout_s
     samples = [s for chunk in ray.get(order, timeout=timeout) for s in chunk]

@@ -281,9 +281,6 @@ class Roles:
             for r in self.rewards
         ]
 
-    def chunk_size(self, prompts: int) -> int:
-        return self.config.chunk_size(prompts)
-
     def _scorer(
         self,
         cls: type,

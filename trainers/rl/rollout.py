@@ -124,7 +124,7 @@ def start_rollout(
         # that never stopped.
         reseed = TRAIN_SEED_BASE * (config.seed + 1) + it * 1009
         prompts = stream.take(cfg.rollout_batch)
-        size = roles.chunk_size(len(prompts))
+        size = roles.config.chunk_size(len(prompts))
         chunks = chunked([p["prompt_ids"] for p in prompts], size)
         index = generate(roles, chunks, sampling, reseed=reseed)
         n = cfg.n_samples_per_prompt
