@@ -12,11 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def actors_not_dead() -> dict[str, dict]:
+    """This session's cluster's actors that are not dead (alive, pending or restarting), by
+    actor id, from the GCS's actor table (no dashboard needed)."""
+    from ray._private.state import actors
+
+    return {key: a for key, a in actors().items() if a["State"] != "DEAD"}
+
+
 def live_pids(actor_class: str) -> list[int]:
     """The processes of this session's cluster's live actors of `actor_class`."""
-    from ray._private.state import actors  # the GCS's actor table (no dashboard needed)
-
-    live = [a for a in actors().values() if a["State"] == "ALIVE" and a["Pid"]]
+    live = [a for a in actors_not_dead().values() if a["State"] == "ALIVE" and a["Pid"]]
     return [a["Pid"] for a in live if a["ActorClassName"] == actor_class]
 
 

@@ -60,13 +60,12 @@ def no_actor_outlives_its_test(request: pytest.FixtureRequest):
     fixtures, up before the test, may stay."""
     import ray
 
-    def live() -> dict[str, str]:
-        from ray._private.state import actors  # the GCS's actor table
+    from tests.chaos import actors_not_dead
 
+    def live() -> dict[str, str]:
         return {
             key: f"{a['ActorClassName']} (pid {a['Pid']}, {a['State']})"
-            for key, a in actors().items()
-            if a["State"] != "DEAD"
+            for key, a in actors_not_dead().items()
         }
 
     watched = "ray_cluster" in request.fixturenames and ray.is_initialized()
