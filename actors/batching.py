@@ -92,6 +92,16 @@ def unpack_rows(values: torch.Tensor, batch: dict[str, Any]) -> list[list[float]
     return [row[:n].tolist() for row, n in zip(values, lengths, strict=True)]
 
 
+def with_end_token(sample: dict[str, Any], eos_id: int) -> dict[str, Any]:
+    """The sample as a reward model was trained on it: each of its training responses ends with
+    the end token (trainers.encoding.encode_response), a response cut at max_new_tokens too. A
+    response that does not end with it gets it added; the sample itself is not changed."""
+    ids = sample["response_ids"]
+    if len(ids) and ids[-1] == eos_id:
+        return sample
+    return {**sample, "response_ids": [*ids, eos_id]}
+
+
 def last_token_scores(
     model: Any,
     input_ids: torch.Tensor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.batching import last_token_scores, pack, sample_logprobs
+from actors.batching import last_token_scores, pack, sample_logprobs, with_end_token
 from actors.busy import BusyClock
 
 
@@ -31,6 +31,7 @@ class _Frozen(BusyClock):
             self.model = load_reward_model(
                 path, dtype=torch.float32, trust_remote_code=trust_remote_code
             )
+            self.eos_id = end_token_id(path, self.model.config, trust_remote_code)
         else:
             self.model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -50,9 +51,28 @@ class _Frozen(BusyClock):
             yield {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
+def end_token_id(path: str, config: Any, trust_remote_code: bool) -> int:
+    """The end token that the RM's training data put after every response: its tokenizer's
+    (saved with the model), else the config's."""
+    from transformers import AutoTokenizer
+
+    try:
+        eos = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).eos_token_id
+    except (OSError, ValueError):
+        eos = None
+    if eos is None:
+        eos = config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+    if eos is None:
+        raise ValueError(f"{path}: neither a tokenizer nor config.json names an end token")
+    return int(eos)
+
+
 class RewardModel(_Frozen):
-    """Scores finished sequences: the RM's output minus its `reward_offset` (the demonstrations'
-    mean, so that they score 0 on average)."""
+    """Scores responses: the RM's output minus its `reward_offset` (the demonstrations' mean, so
+    that they score 0 on average), read at the end token after each response as in the RM's
+    training, where every response ends with it (one cut at max_new_tokens gets it added here,
+    for the RM only: the policy's tokens stay as sampled)."""
 
     kind = "reward"
 
@@ -62,7 +82,7 @@ class RewardModel(_Frozen):
         scores: list[float] = []
         with torch.no_grad(), self.busy():
             offset = float(getattr(self.model.config, "reward_offset", 0.0))
-            for b in self._batches(samples):
+            for b in self._batches([with_end_token(s, self.eos_id) for s in samples]):
                 raw = last_token_scores(
                     self.model, b["input_ids"], b["attention_mask"], b["position_ids"]
                 )

@@ -213,14 +213,14 @@ def test_reward_model_from_smollm2_loads_quietly_and_applies_its_offset(
     reward = RewardModel(0, 1, str(tmp_path / "rm"), batch_size=8)
     ids = encode_prompt(tokenizer, PROMPTS[0])
     answer = tokenizer("A fine film.", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
     samples = [
-        {"prompt_ids": ids, "response_ids": [*answer, tokenizer.eos_token_id]},
-        {"prompt_ids": ids[2:], "response_ids": answer},
+        {"prompt_ids": ids, "response_ids": [*answer, eos]},
+        {"prompt_ids": ids[2:], "response_ids": answer},  # cut: scored with eos after it
     ]
     with torch.no_grad():
         alone = [
-            float(rm.score(rm.model(torch.tensor([s["prompt_ids"] + s["response_ids"]]))
-                  .last_hidden_state)[0, -1, 0]) - 0.25
-            for s in samples
-        ]  # fmt: skip
+            float(rm.score(rm.model(torch.tensor([seq])).last_hidden_state)[0, -1, 0]) - 0.25
+            for seq in ([*ids, *answer, eos], [*ids[2:], *answer, eos])
+        ]
     assert reward.score(samples) == pytest.approx(alone, abs=1e-4)

@@ -153,16 +153,19 @@ def test_reward_model_scores_minus_its_offset(small_task: Path, tmp_path: Path) 
     rm.config.reward_offset = 0.5
     rm.save_pretrained(tmp_path / "rm")
     reward = RewardModel(0, 1, str(tmp_path / "rm"), batch_size=8)
+    eos = rm.config.eos_token_id
     samples = [
-        {"prompt_ids": [3, 4, 5, 6], "response_ids": [7, 8, 2]},
-        {"prompt_ids": [9, 10], "response_ids": [11, 2]},
+        {"prompt_ids": [3, 4, 5, 6], "response_ids": [7, 8, eos]},
+        {"prompt_ids": [9, 10], "response_ids": [11, eos]},
+        {"prompt_ids": [9, 10], "response_ids": [11, 12]},  # cut at max_new_tokens
     ]
+    # read at the end token, as the RM's training responses all end with it: a cut response
+    # is scored with the end token after it (the sample itself keeps the tokens sampled)
+    scored = [[3, 4, 5, 6, 7, 8, eos], [9, 10, 11, eos], [9, 10, 11, 12, eos]]
     with torch.no_grad():
-        alone = [
-            rm(torch.tensor([s["prompt_ids"] + s["response_ids"]])).logits[0, 0].item() - 0.5
-            for s in samples
-        ]
+        alone = [rm(torch.tensor([seq])).logits[0, 0].item() - 0.5 for seq in scored]
     assert reward.score(samples) == pytest.approx(alone, abs=1e-5)
+    assert samples[2]["response_ids"] == [11, 12]
 
 
 def test_a_broadcast_sync_to_an_engine_that_does_not_answer_times_out_naming_it(
