@@ -37,6 +37,8 @@ class ModelSpec:
     kind: str = "causal_lm"
     """"causal_lm" (policy, SFT) or "reward" (a sequence classifier with one output)"""
     trust_remote_code: bool = False
+    frozen_layers: int = 0
+    """the input embeddings and this many of the lowest transformer blocks are not trained"""
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ class Learner(BusyClock):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from actors.models import load_reward_model
+        from actors.models import freeze_bottom, load_reward_model
 
         e = self.engine_spec
         torch.manual_seed(e.seed)  # a new head (the RM's) starts the same on every rank
@@ -176,8 +178,10 @@ class Learner(BusyClock):
             model = AutoModelForCausalLM.from_pretrained(spec.path, **common)
         if torch.cuda.is_available():
             model = model.to(f"cuda:{torch.cuda.current_device()}")
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        freeze_bottom(model, spec.frozen_layers)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in trained if p.ndim >= 2]
+        no_decay = [p for p in trained if p.ndim < 2]
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": optim.weight_decay},

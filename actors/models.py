@@ -44,3 +44,32 @@ def load_reward_model(path: str, *, dtype: Any, trust_remote_code: bool = False)
         },
     )
     return head.from_pretrained(path, config=config, **common)
+
+
+def decoder_layers(model: Any) -> Any:
+    """The model's stack of transformer blocks: the ModuleList of `config.num_hidden_layers`
+    modules in its body (Llama's `model.layers`, GPT-2's `transformer.h`, ...)."""
+    import torch
+
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.base_model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"{type(model).__name__}: no stack of {n} transformer blocks found to freeze")
+
+
+def freeze_bottom(model: Any, frozen_layers: int) -> None:
+    """Leave the input embeddings and the first `frozen_layers` transformer blocks out of
+    training (no gradients, no optimizer state). Backpropagation then stops at the first trained
+    block, so a step costs the forward pass plus the backward pass of the blocks above it. With
+    tied embeddings a causal LM's output head is the frozen embedding too."""
+    if frozen_layers == 0:
+        return
+    layers = decoder_layers(model)
+    if frozen_layers > len(layers):
+        raise ValueError(
+            f"frozen_layers={frozen_layers}: the model has only {len(layers)} transformer blocks"
+        )
+    model.get_input_embeddings().requires_grad_(False)
+    for layer in layers[:frozen_layers]:
+        layer.requires_grad_(False)

@@ -126,6 +126,38 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(
         assert any(not torch.equal(before[n], moved[n]) for n in before)
 
 
+def test_frozen_layers_stay_as_loaded_and_the_blocks_above_train(
+    ray_cluster, small_task: Path, fixed_batch: list[dict]
+) -> None:
+    engine = EngineSpec(
+        zero_stage=2, backend="gloo", seed=0, collective_timeout_s=120, micro_batch=4
+    )
+    tokens = sum(sum(e["loss_mask"][1:]) for e in fixed_batch)
+    shards = [collate_sft(s, 0, tokens) for s in split_evenly(fixed_batch, 2)]
+    model = str(small_task / "base_model")
+    with LearnerGroup(name="frozen", ranks=2, engine=engine, cpus_per_rank=0.5) as group:
+        group.build(ModelSpec(model, frozen_layers=1), OptimSpec(lr=1e-2, total_steps=2))
+        before = group.state_dict()
+        losses = [group.train_step(sft_objective, shards)["loss"] for _ in range(2)]
+        after = group.state_dict()
+    assert losses[1] < losses[0]
+    frozen = [n for n in before if "embed_tokens" in n or ".layers.0." in n]
+    trained = [n for n in before if ".layers.1." in n]
+    assert frozen and trained
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), name
+    for name in trained:
+        if name.endswith("weight") and before[name].ndim == 2:
+            assert not torch.equal(before[name], after[name]), name
+
+    too_many = r"frozen_layers=3: the model has only 2 transformer blocks"
+    with (
+        LearnerGroup(name="too-many", ranks=1, engine=engine, cpus_per_rank=0.5) as group,
+        pytest.raises(Exception, match=too_many),
+    ):
+        group.build(ModelSpec(model, frozen_layers=3), OptimSpec(lr=1e-2))
+
+
 # The two ranks of a ZeRO-2 learner built in fresh processes (that have not imported DeepSpeed's
 # optimizers yet): the ZeRO optimizer check passes for AdamW without importing DeepSpeed's Muon
 # optimizer, whose module calls torch.compile at import (a CPU-second of every start; ZeRO-3

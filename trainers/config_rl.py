@@ -238,6 +238,12 @@ class PPOConfig(Section):
     """the critic's optimizer"""
     critic: LearnerConfig = Field(default_factory=lambda: LearnerConfig(ranks=1))
     """the critic's DeepSpeed group"""
+    policy_frozen_layers: int = Field(default=0, ge=0)
+    """the policy's input embeddings (and so a tied output head) and this many of its lowest
+    transformer blocks are not trained: a cheaper update on a real model; 0: all trained"""
+    critic_frozen_layers: int = Field(default=0, ge=0)
+    """the critic's input embeddings and this many of its lowest transformer blocks are not
+    trained; 0: all trained"""
     checkpoint_every: int = Field(default=20, ge=1)
     """save a checkpoint (policy, critic, optimizers, KL controller, data position) every this
     many iterations and at the end; `instructray run --resume` continues from the latest"""

@@ -47,6 +47,10 @@ class RMConfig(Section):
     learner.ranks)"""
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-4))
     """optimizer and schedule"""
+    frozen_layers: int = Field(default=0, ge=0)
+    """the input embeddings and this many of the lowest transformer blocks stay as the starting
+    model has them: a step then costs the forward pass and the backward pass of the blocks above
+    (on a real model, a cheaper RM per ranked comparison); 0: all trained"""
     checkpoint_every: int | None = Field(default=None, ge=1)
     """optimizer steps between the stage's checkpoints (null: at each epoch's end but the
     last); a rank that dies brings the group back from the last one, and --resume continues

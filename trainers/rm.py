@@ -157,11 +157,18 @@ def train(
         group = learner_group(config.learner, config.seed, "rm-learner", cfg.batch_size,
                               config.ray, log)  # fmt: skip
         params = group.build(
-            ModelSpec(inputs.model, kind="reward", trust_remote_code=config.trust_remote_code),
+            ModelSpec(
+                inputs.model,
+                kind="reward",
+                trust_remote_code=config.trust_remote_code,
+                frozen_layers=cfg.frozen_layers,
+            ),
             optim_spec(cfg.optim, total),
         )
         log(
-            f"rm: {params:,} parameters on {group.ranks} rank(s); {len(inputs.train)} comparisons"
+            f"rm: {params:,} parameters on {group.ranks} rank(s)"
+            + (f" (embeddings and {cfg.frozen_layers} blocks frozen)" if cfg.frozen_layers else "")
+            + f"; {len(inputs.train)} comparisons"
             f" ({sum(len(e['sequences']) for e in inputs.train)} responses), {total} steps"
         )
         return group

@@ -97,12 +97,21 @@ class Roles:
         specs = {
             "policy": (
                 config.learner,
-                ModelSpec(self.inputs.policy, trust_remote_code=trust),
+                ModelSpec(
+                    self.inputs.policy,
+                    trust_remote_code=trust,
+                    frozen_layers=cfg.policy_frozen_layers,
+                ),
                 optim_spec(cfg.policy_optim, steps),
             ),
             "critic": (
                 cfg.critic,
-                ModelSpec(self.inputs.critic_model, kind="reward", trust_remote_code=trust),
+                ModelSpec(
+                    self.inputs.critic_model,
+                    kind="reward",
+                    trust_remote_code=trust,
+                    frozen_layers=cfg.critic_frozen_layers,
+                ),
                 optim_spec(cfg.critic_optim, steps),
             ),
         }
