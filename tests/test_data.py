@@ -155,7 +155,8 @@ def test_comparisons_batch_all_responses_in_one_forward_pass(tokenizer) -> None:
     )
     examples = encode_comparisons(ds, tokenizer, Limits(32, 96))
     batch = collate_comparisons(examples, tokenizer.pad_token_id, normalizer=2)
-    assert batch["input_ids"].shape[0] == 5  # K = 3 + 2 rows
+    assert batch["suffix_ids"].shape[0] == 5  # K = 3 + 2 rows
+    assert batch["owner"].tolist() == [0, 0, 0, 1, 1]  # each prompt computed once
     assert batch["valid"].tolist() == [[True, True, True], [True, True, False]]
     assert batch["index"][1, :2].tolist() == [3, 4]
 

@@ -17,8 +17,15 @@ from actors.rollout import EngineConfig, RolloutEngine, Sampling
 from actors.scorers import ReferencePolicy, RewardModel
 from cluster import ActorGroup
 from tests.real_model import smollm2_folder
-from trainers.data import DataError, Limits, collate_sft, encode_prompt, encode_prompts
-from trainers.objectives import learner_logprobs, sft_objective
+from trainers.data import (
+    DataError,
+    Limits,
+    collate_comparisons,
+    collate_sft,
+    encode_prompt,
+    encode_prompts,
+)
+from trainers.objectives import learner_logprobs, rm_eval, sft_objective
 
 pytestmark = pytest.mark.real_model
 
@@ -224,3 +231,14 @@ def test_reward_model_from_smollm2_loads_quietly_and_applies_its_offset(
             for seq in ([*ids, *answer, eos], [*ids[2:], *answer, eos])
         ]
     assert reward.score(samples) == pytest.approx(alone, abs=1e-4)
+
+    # the RM stage computes a prompt once for its K responses: a full pass's scores
+    other = tokenizer("A dull film, too long.", add_special_tokens=False)["input_ids"]
+    ranked = [[*ids, *answer, eos], [*ids, *other, eos], [*ids, *answer[:2], eos]]
+    batch = collate_comparisons([{"sequences": ranked}], tokenizer.pad_token_id, normalizer=1)
+    assert batch["prefix_mask"].shape[1] >= len(ids)
+    with torch.no_grad():
+        each = [
+            float(rm.score(rm.model(torch.tensor([s])).last_hidden_state)[0, -1, 0]) for s in ranked
+        ]
+        assert rm_eval(rm, batch)[0].tolist() == pytest.approx(each, abs=1e-4)

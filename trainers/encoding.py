@@ -172,25 +172,49 @@ def collate_sft(examples: list[dict[str, Any]], pad_id: int, normalizer: float) 
     }
 
 
+def _shared_prefix(sequences: list[list[int]]) -> int:
+    """Tokens that all the sequences start with (their prompt, and any response tokens they all
+    share), leaving each at least its last token."""
+    n = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences[1:]):
+            return i
+    return n
+
+
 def collate_comparisons(
     examples: list[dict[str, Any]], pad_id: int, normalizer: float
 ) -> dict[str, Any]:
-    """All K responses of every prompt as rows of one forward pass.
+    """All K responses of every prompt as rows of one forward pass, the prompt computed once:
 
-    input_ids, attention_mask: (N, T) with N = Σ K_p; index: (P, K_max), the row of each ranked
-    response (0 where absent); valid: (P, K_max). `normalizer`: prompts in the global batch.
+    prefix_ids, prefix_mask: (P, L), each prompt's shared tokens, right-padded; suffix_ids,
+    suffix_mask: (N, S) with N = Σ K_p, the rest of each row, right-padded; owner: (N,), the
+    prompt of each row; index: (P, K_max), the row of each ranked response (0 where absent);
+    valid: (P, K_max). `normalizer`: prompts in the global batch.
     """
-    rows: list[list[int]] = []
+    prefixes: list[list[int]] = []
+    suffixes: list[list[int]] = []
+    owner: list[int] = []
     index, valid = [], []
     k_max = max(len(e["sequences"]) for e in examples)
-    for e in examples:
-        k = len(e["sequences"])
-        index.append(list(range(len(rows), len(rows) + k)) + [0] * (k_max - k))
+    shared = [_shared_prefix(e["sequences"]) for e in examples]
+    if min(shared) == 0:  # rows that share nothing (not one prompt's): one plain pass
+        shared = [0] * len(examples)
+    for p, (e, n) in enumerate(zip(examples, shared, strict=True)):
+        seqs = e["sequences"]
+        k = len(seqs)
+        index.append(list(range(len(suffixes), len(suffixes) + k)) + [0] * (k_max - k))
         valid.append([1] * k + [0] * (k_max - k))
-        rows.extend(e["sequences"])
+        prefixes.append(list(seqs[0][:n]))
+        suffixes.extend(list(s[n:]) for s in seqs)
+        owner.extend([p] * k)
     return {
-        "input_ids": _pad(rows, pad_id),
-        "attention_mask": _pad([[1] * len(r) for r in rows], 0),
+        "prefix_ids": _pad(prefixes, pad_id),
+        "prefix_mask": _pad([[1] * len(r) for r in prefixes], 0),
+        "suffix_ids": _pad(suffixes, pad_id),
+        "suffix_mask": _pad([[1] * len(r) for r in suffixes], 0),
+        "owner": torch.tensor(owner, dtype=torch.long),
         "index": torch.tensor(index, dtype=torch.long),
         "valid": torch.tensor(valid, dtype=torch.bool),
         "normalizer": float(normalizer),

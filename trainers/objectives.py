@@ -17,6 +17,7 @@ from actors.batching import (
     response_logits,
     response_logprobs,
     sample_logprobs,
+    shared_prefix_scores,
     unpack_rows,
 )
 from cluster.groups import split_evenly
@@ -46,8 +47,9 @@ def sft_eval(model: Any, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def _ranked_scores(model: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """(P, K): the reward of each prompt's ranked responses, from one forward pass of all rows."""
-    flat = last_token_scores(model, batch["input_ids"], batch["attention_mask"])  # (N,)
+    """(P, K): the reward of each prompt's ranked responses, from one forward pass of all rows
+    (each prompt computed once for its K responses)."""
+    flat = shared_prefix_scores(model, batch)  # (N,)
     return flat[batch["index"]]  # (P, K)
 
 
