@@ -406,8 +406,10 @@ def test_collect_stage_samples_ranks_skips_when_done_and_resumes(
 
     # two engines, every chunk drawn again (--restart): the chunks are spread over both, and
     # each chunk's samples depend on its seed only, not on the engine that drew it
-    two = load_config(TINY, [*overrides, "rollout.engines=2"])
-    again = run(two, restart=True, log=lambda _: None)["collect"]
+    two = load_config(TINY, [*overrides, "collect.engines=2"])  # the stage's own engine count
+    said.clear()
+    again = run(two, restart=True, log=said.append)["collect"]
+    assert any(" on 2 engine(s)" in s for s in said)
     assert again["resumed_prompts"] == 0
     assert final.read_text().splitlines() == first_run
 

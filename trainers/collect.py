@@ -79,6 +79,7 @@ def sampling_settings(config: RunConfig, inputs: CollectInputs) -> dict[str, Any
 
     cfg = config.collect.model_dump(mode="json")
     cfg.pop("ranked_file")
+    cfg.pop("engines")  # a chunk's samples do not depend on the engine that draws them
     return json.loads(
         json.dumps(
             {
@@ -162,7 +163,7 @@ def train(
         n = sum(len(ps) for _, _, ps in pending)
         log(
             f"collect: sampling {cfg.samples_per_prompt} responses for each of {n} prompts on "
-            f"{config.rollout.engines} engine(s)"
+            f"{cfg.engines or config.rollout.engines} engine(s)"
             + (f" ({resumed} prompts kept from an earlier run)" if resumed else "")
         )
         tokens, gen_seconds = _sample(config, inputs, pending, partials, log)

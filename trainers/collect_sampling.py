@@ -41,7 +41,10 @@ def _reseed(config: RunConfig, split: str, chunk: int) -> int:
 
 
 def _engines(config: RunConfig, policy: str, log: Any) -> Any:
-    """`rollout.engines` vLLM engines on the policy, placed as the PPO stage places them."""
+    """`collect.engines` (default `rollout.engines`) vLLM engines on the policy, placed as the
+    PPO stage places them."""
+    n = config.collect.engines or config.rollout.engines
+    config = config.model_copy(update={"rollout": config.rollout.model_copy(update={"engines": n})})
     return engine_group(config, policy, config.collect.max_new_tokens, log)
 
 
