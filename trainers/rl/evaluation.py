@@ -28,17 +28,25 @@ def sample_policy(
     # A prompt gets the same seed before and after training: its two responses differ only by
     # the policy (common random numbers).
     seed = config.seed * 1_000_003
-    prompt_ids = [p["prompt_ids"] for p in inputs.heldout_prompts]
-    refs = generate(roles, chunked(prompt_ids, config.chunk_size(len(prompt_ids))), sampling, seed)
+    size = config.chunk_size(len(inputs.heldout_prompts))
+    chunks = chunked([p["prompt_ids"] for p in inputs.heldout_prompts], size)
+    records = chunked([prompt_record(p) for p in inputs.heldout_prompts], size)
+    refs = generate(roles, chunks, sampling, seed)
     order = sorted(refs, key=refs.__getitem__)
+    # A chunk is scored and given its reference log-probs as soon as it is generated (Ray starts
+    # a call when its argument is ready): the engines, the reward and the reference work at once.
+    engines, references = roles.engines.n, roles.reference.actors
+    scored = [roles.score(ref, records[i], i % engines) for i, ref in enumerate(order)]
+    ref_lps = [
+        references[(i % engines) % len(references)].logprobs.remote(ref, sampling.temperature)
+        for i, ref in enumerate(order)
+    ]
     timeout = config.learner.collective_timeout_s
     samples = [s for chunk in ray.get(order, timeout=timeout) for s in chunk]
-    samples_ref = ray.put(samples)
-    records = [prompt_record(p) for p in inputs.heldout_prompts]
-    parts = ray.get(roles.score(samples_ref, records), timeout=timeout)
+    per_chunk = [ray.get(parts, timeout=timeout) for parts in scored]
+    parts = [[x for chunk in per_chunk for x in chunk[k]] for k in range(len(roles.rewards))]
     scores = weighted_sum(parts, roles.score_weights)
-    reference = roles.reference.actors[0]
-    ref_lp = ray.get(reference.logprobs.remote(samples_ref, sampling.temperature), timeout=timeout)
+    ref_lp = [lp for chunk in ray.get(ref_lps, timeout=timeout) for lp in chunk]
     tok = inputs.tokenizer
     texts = [tok.decode(s["response_ids"], skip_special_tokens=True) for s in samples]
     kls = [sum(s["logprobs"]) - sum(r) for s, r in zip(samples, ref_lp, strict=True)]
