@@ -77,6 +77,21 @@ def test_ppo_beats_the_sft_policy_by_the_hidden_labeler(demo_run) -> None:
     phases = {k.split("/")[1]: v for k, v in ppo.items() if k.startswith("seconds_per_iteration/")}
     for phase in ("generate", "train"):
         assert 0 < phases[phase] < phases["iteration"]
+    # and the parts of the stage's time outside the iterations: each spent, none over the whole
+    parts = {k.split("/")[1]: v for k, v in ppo.items() if k.startswith("stage_seconds/")}
+    assert set(parts) == {
+        "start_roles",
+        "evaluation_before",
+        "demo_loss_before",
+        "iterations",
+        "checkpoints",
+        "evaluation_after",
+        "demo_loss_after",
+        "final_save",
+    }
+    assert all(v > 0 for v in parts.values()), parts
+    assert parts["iterations"] >= 60 * phases["iteration"] * 0.5
+    assert sum(parts.values()) <= ppo["seconds"]
     # and what the actors printed went to the run's log, not to the console
     assert "pid=" in (out / "logs" / "actors.log").read_text()
     # the final policy is a Hugging Face folder with its tokenizer, and the evaluation's

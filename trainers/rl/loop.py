@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,22 @@ from trainers.rl.state import DriverState
 from trainers.tracking import Tracker, progress
 
 PHASES = ("iteration", "generate", "score_after_generate", "train", "weight_sync")
+
+
+class StageClock:
+    """Seconds the stage spent in each of its parts outside and inside the iterations (summed over
+    repeats, in this process): where a stage's time goes, in its figures."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def train(
@@ -45,8 +63,10 @@ def train(
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     skips = SkipGuard(cfg.max_skipped_steps)
     phases: dict[str, list[float]] = {}  # each iteration's seconds per phase, in this process
+    clock = StageClock()
     latest = checkpoints.folders.refuse_fresh_start("PPO", resume, restart)
-    roles, start_faults = start_roles(config, inputs, log)
+    with clock.part("start_roles"):
+        roles, start_faults = start_roles(config, inputs, log)
     with roles:
         describe_placement(config, roles, out, log)
         recovery = Recovery(roles, state, checkpoints, initial, config, log, start_faults)
@@ -56,27 +76,32 @@ def train(
             state.restore(saved, config, roles)
             log(f"ppo: resumed from {latest} after iteration {state.iteration}")
         if latest is None:
-            state.before = recovery.run(
-                "evaluation before training", lambda: sample_policy(roles, inputs, config, labeler)
-            )
-            state.sft_demo_loss = recovery.run(
-                "alignment-tax loss before training",
-                lambda: demo_loss(roles, inputs, cfg.minibatch_size),
-            )
+            with clock.part("evaluation_before"):
+                state.before = recovery.run(
+                    "evaluation before training",
+                    lambda: sample_policy(roles, inputs, config, labeler),
+                )
+            with clock.part("demo_loss_before"):
+                state.sft_demo_loss = recovery.run(
+                    "alignment-tax loss before training",
+                    lambda: demo_loss(roles, inputs, cfg.minibatch_size),
+                )
         bar = progress(cfg.iterations, "ppo")
         bar.update(state.iteration)
         restarted = 0  # the learner groups' restarts before this iteration
         while state.iteration < cfg.iterations:
             it = state.iteration
             try:
-                figures, experience = iteration(config, roles, state, skips)
+                with clock.part("iterations"):
+                    figures, experience = iteration(config, roles, state, skips)
                 state.tokens += figures["tokens"]
                 state.generate_seconds += figures["time/generate"]
                 # a rank lost while the checkpoint is written is recovered as in the iteration
                 if state.iteration % cfg.checkpoint_every == 0 or state.iteration == cfg.iterations:
                     timeout = config.learner.collective_timeout_s
                     seconds = time.perf_counter() - started
-                    checkpoints.save(state.iteration, roles, state.saved(seconds, timeout))
+                    with clock.part("checkpoints"):
+                        checkpoints.save(state.iteration, roles, state.saved(seconds, timeout))
             except NonFiniteError as e:
                 bar.close()
                 last = checkpoints.latest()
@@ -99,14 +124,17 @@ def train(
                 phases.setdefault(key, []).append(figures[f"time/{key}"])
             log_iteration(tracker, bar, figures, experience, inputs, labeler, it, cfg)
         bar.close()
-        after = recovery.run(
-            "evaluation after training", lambda: sample_policy(roles, inputs, config, labeler)
-        )
-        ppo_demo_loss = recovery.run(
-            "alignment-tax loss after training",
-            lambda: demo_loss(roles, inputs, cfg.minibatch_size),
-        )
-        recovery.run("final save", lambda: save_learners(roles, out))
+        with clock.part("evaluation_after"):
+            after = recovery.run(
+                "evaluation after training", lambda: sample_policy(roles, inputs, config, labeler)
+            )
+        with clock.part("demo_loss_after"):
+            ppo_demo_loss = recovery.run(
+                "alignment-tax loss after training",
+                lambda: demo_loss(roles, inputs, cfg.minibatch_size),
+            )
+        with clock.part("final_save"):
+            recovery.run("final save", lambda: save_learners(roles, out))
         memory = recovery.run("memory figures", roles.peak_memory_gb)
         faults = dict(recovery.figures)
     if faults:
@@ -121,6 +149,7 @@ def train(
         config, state, after, ppo_demo_loss, memory, phases, time.perf_counter() - started
     )
     figures_out["ppo"].update(faults)
+    figures_out["ppo"].update({f"stage_seconds/{k}": v for k, v in clock.seconds.items()})
     log_summary(figures_out, labeler, out, log)
     return figures_out
 
