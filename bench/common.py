@@ -161,6 +161,32 @@ def write(name: str, figures: dict[str, Any]) -> Path:
     return path
 
 
+def matmul_gflops(threads: int, seconds: float = 2.0) -> float:
+    """The machine's fp32 matrix-product rate through torch (GFLOP/s), with `threads` threads:
+    1024×576 by 576×1536, the real model's MLP shape; the best of three timed spans."""
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+        flop = 2 * 1024 * 576 * 1536
+        for _ in range(3):
+            a @ b
+        best = 0.0
+        for _ in range(3):
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 3:
+                a @ b
+                n += 1
+            best = max(best, flop * n / (time.perf_counter() - start) / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(before)
+
+
 def iteration_flops(
     policy_dir: Path, samples: int, prompt_tokens: int, new_tokens: int, critic: bool = True
 ) -> float:

@@ -34,6 +34,7 @@ from bench.common import (
     ROOT,
     SEED,
     iteration_flops,
+    matmul_gflops,
     median,
     peer_table,
     quiet,
@@ -45,7 +46,6 @@ from bench.common import (
     table,
     write,
 )
-from trainers.tracking import matmul_gflops
 
 CONFIG = ROOT / "bench" / "ppo_iteration.yaml"
 MINIBATCH = 8

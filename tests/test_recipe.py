@@ -92,10 +92,6 @@ def test_ppo_beats_the_sft_policy_by_the_hidden_labeler(demo_run) -> None:
     assert all(v > 0 for v in parts.values()), parts
     assert parts["iterations"] >= 60 * phases["iteration"] * 0.5
     assert sum(parts.values()) <= ppo["seconds"]
-    # and the whole run's time beside the machine's measured matrix-product rate that day
-    run = summary["run"]
-    assert run["seconds"] > sum(summary[stage]["seconds"] for stage in ("sft", "rm", "ppo"))
-    assert run["cpus"] >= 1 and 1 < run["matmul_gflops"] < 1e5
     # and what the actors printed went to the run's log, not to the console
     assert "pid=" in (out / "logs" / "actors.log").read_text()
     # the final policy is a Hugging Face folder with its tokenizer, and the evaluation's

@@ -8,7 +8,6 @@ again; `summary.json` in the run folder gathers the figures of every stage.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from trainers.preflight import (
     resolve_paths,
 )
 from trainers.task import ensure_task, task_labeler
-from trainers.tracking import LibraryLog, Tracker, matmul_gflops
+from trainers.tracking import LibraryLog, Tracker
 
 __all__ = [
     "Paths",
@@ -187,9 +186,6 @@ def _run(
                 check(path, field, reward=True)
 
     # -- run ------------------------------------------------------------------------------------
-    # the machine's speed today, beside the run's times (this machine kind's varies by a third)
-    cpus = os.cpu_count() or 1
-    machine = {"cpus": float(cpus), "matmul_gflops": matmul_gflops(cpus, seconds=1.0)}
     tracker = Tracker(
         mode=config.wandb.mode,
         project=config.wandb.project,
@@ -318,7 +314,6 @@ def _run(
                 )
                 for stage, values in result.items():  # PPO also measures the SFT policy
                     figures.setdefault(stage, {}).update(values)
-        figures["run"] = {"seconds": time.time() - started, **machine}
         tracker.summary({f"{s}/{k}": v for s, vals in figures.items() for k, v in vals.items()})
     finally:
         wandb_folder = tracker.folder

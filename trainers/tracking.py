@@ -7,34 +7,6 @@ from pathlib import Path
 from typing import Any
 
 
-def matmul_gflops(threads: int, seconds: float = 2.0) -> float:
-    """The machine's fp32 matrix-product rate through torch (GFLOP/s), with `threads` threads:
-    1024×576 by 576×1536, the real model's MLP shape; the best of three timed spans. Benchmarks
-    set their times against it, and a run records it (this machine kind's speed varies by a
-    third from day to day)."""
-    import time
-
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(1024, 576), torch.randn(576, 1536)
-        flop = 2 * 1024 * 576 * 1536
-        for _ in range(3):
-            a @ b
-        best = 0.0
-        for _ in range(3):
-            n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds / 3:
-                a @ b
-                n += 1
-            best = max(best, flop * n / (time.perf_counter() - start) / 1e9)
-        return best
-    finally:
-        torch.set_num_threads(before)
-
-
 class Tracker:
     """One W&B run for one `instructray run`; every stage logs under its own prefix.
 
