@@ -102,6 +102,8 @@ def test_ppo_beats_the_sft_policy_by_the_hidden_labeler(demo_run) -> None:
     assert AutoTokenizer.from_pretrained(out / "ppo" / "policy").chat_template
     rows = [json.loads(line) for line in (out / "ppo" / "eval_samples.jsonl").open()]
     assert len(rows) == 200 and {"sft_response", "ppo_response"} <= rows[0].keys()
+    # before training the engines hold the reference's weights: that KL is 0, not measured
+    assert all(r["sft_kl"] == 0.0 for r in rows) and any(r["ppo_kl"] != 0.0 for r in rows)
 
 
 @pytest.mark.e2e

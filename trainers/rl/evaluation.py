@@ -19,11 +19,13 @@ from trainers.sft import demonstration_loss
 
 
 def sample_policy(
-    roles: Roles, inputs: RLInputs, config: RunConfig, labeler: Any
+    roles: Roles, inputs: RLInputs, config: RunConfig, labeler: Any, trained: bool = True
 ) -> dict[str, Any]:
     """One response per held-out prompt from the engines' current weights, judged: the reward
     (the RM's score, or its sources' weighted sum), the KL to the reference (nats per sequence)
-    and, on a built-in task, the hidden labeler."""
+    and, on a built-in task, the hidden labeler. Before training (`trained` false) the engines
+    hold the reference's own weights: the KL is 0 by definition and the reference's forward
+    passes (a third of the evaluation's work on a real model) are not made."""
     sampling = sampling_of(config.ppo, training=False)
     # A prompt gets the same seed before and after training: its two responses differ only by
     # the policy (common random numbers).
@@ -37,19 +39,25 @@ def sample_policy(
     # a call when its argument is ready): the engines, the reward and the reference work at once.
     engines, references = roles.engines.n, roles.reference.actors
     scored = [roles.score(ref, records[i], i % engines) for i, ref in enumerate(order)]
-    ref_lps = [
-        references[(i % engines) % len(references)].logprobs.remote(ref, sampling.temperature)
-        for i, ref in enumerate(order)
-    ]
+    ref_lps = (
+        [
+            references[(i % engines) % len(references)].logprobs.remote(ref, sampling.temperature)
+            for i, ref in enumerate(order)
+        ]
+        if trained
+        else []
+    )
     timeout = config.learner.collective_timeout_s
     samples = [s for chunk in ray.get(order, timeout=timeout) for s in chunk]
     per_chunk = [ray.get(parts, timeout=timeout) for parts in scored]
     parts = [[x for chunk in per_chunk for x in chunk[k]] for k in range(len(roles.rewards))]
     scores = weighted_sum(parts, roles.score_weights)
-    ref_lp = [lp for chunk in ray.get(ref_lps, timeout=timeout) for lp in chunk]
     tok = inputs.tokenizer
     texts = [tok.decode(s["response_ids"], skip_special_tokens=True) for s in samples]
-    kls = [sum(s["logprobs"]) - sum(r) for s, r in zip(samples, ref_lp, strict=True)]
+    kls = [0.0] * len(samples)
+    if trained:
+        ref_lp = [lp for chunk in ray.get(ref_lps, timeout=timeout) for lp in chunk]
+        kls = [sum(s["logprobs"]) - sum(r) for s, r in zip(samples, ref_lp, strict=True)]
     judged = (
         [labeler(p["text"], t) for p, t in zip(inputs.heldout_prompts, texts, strict=True)]
         if labeler

@@ -79,7 +79,7 @@ def train(
             with clock.part("evaluation_before"):
                 state.before = recovery.run(
                     "evaluation before training",
-                    lambda: sample_policy(roles, inputs, config, labeler),
+                    lambda: sample_policy(roles, inputs, config, labeler, trained=False),
                 )
             with clock.part("demo_loss_before"):
                 state.sft_demo_loss = recovery.run(
