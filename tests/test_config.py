@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,27 @@ def test_negative_count_is_refused(tmp_path: Path) -> None:
 def test_inconsistent_batch_and_ranks_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"sft\.batch_size \(33\) must be a multiple"):
         load_config(_write(tmp_path, "sft: {batch_size: 33}\n"))
+
+
+def test_a_stage_s_own_learner_settings_go_over_the_learner_section(tmp_path: Path) -> None:
+    text = "learner: {ranks: 2, cpus_per_rank: 0.5, dtype: bfloat16}\nrm: {batch_size: 3, "
+    config = load_config(_write(tmp_path, text + "learner: {ranks: 1, torch_threads: 2}}\n"))
+    rm = config.stage_learner("rm")
+    assert (rm.ranks, rm.torch_threads, rm.cpus_per_rank, rm.dtype) == (1, 2, 0.5, "bfloat16")
+    assert config.stage_learner("sft") == config.learner  # SFT and PPO keep the section
+    assert config.learner.ranks == 2
+    # a batch that the stage's own ranks do not divide names them; the error is one line
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, text + "learner: {ranks: 2}}\n"))
+    assert "rm.batch_size (3) must be a multiple of rm.learner.ranks (2)" in str(e.value)
+    assert "(got" not in str(e.value)
+    for bad, said in (
+        ("{rank: 1}", "rm.learner: rank: not a field of the learner section"),
+        ("{ranks: 0}", "rm.learner: ranks: Input should be greater than or equal to 1"),
+        ("{ranks: '1'}", "rm.learner: ranks: Input should be a valid integer"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load_config(_write(tmp_path, f"rm: {{learner: {bad}}}\n"))
 
 
 def test_overrides_are_parsed_as_yaml_and_validated(tmp_path: Path) -> None:

@@ -31,6 +31,33 @@ def test_rm_comes_within_five_points_of_the_labeler_ceiling(demo_run) -> None:
 
 
 @pytest.mark.e2e
+def test_the_rm_stage_trains_with_its_own_learner_settings(demo_run, tmp_path: Path) -> None:
+    """`rm.learner` over the learner section: the demo's RM on one rank of two threads instead
+    of two ranks of one. One rank's plain step and two ZeRO-2 ranks take the same updates up to
+    rounding, so it ends where the demo's RM did."""
+    import shutil
+
+    demo, demo_summary = demo_run
+    for stage in ("task", "sft"):
+        shutil.copytree(demo / stage, tmp_path / "run" / stage)
+    config = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [f"output_dir={tmp_path / 'run'}", "stages=[rm]", "wandb.mode=disabled",
+         "rm.learner={ranks: 1, torch_threads: 2}"],
+    )  # fmt: skip
+    lines: list[str] = []
+    summary = run(config, log=lines.append)
+    said = "\n".join(lines)
+    assert "parameters on 1 rank(s)" in said, said
+    assert summary["rm"]["heldout_accuracy"] == pytest.approx(
+        demo_summary["rm"]["heldout_accuracy"], abs=0.01
+    )
+    assert summary["rm"]["reward_offset"] == pytest.approx(
+        demo_summary["rm"]["reward_offset"], rel=1e-3
+    )
+
+
+@pytest.mark.e2e
 def test_rm_is_a_loadable_classifier_that_puts_demonstrations_at_zero(demo_run) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -116,7 +116,8 @@ class RunConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     """where the run's actors live"""
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    """the DeepSpeed learner group that trains SFT and the RM"""
+    """the DeepSpeed learner group that trains SFT, the RM and the PPO policy (sft.learner and
+    rm.learner change it for their stage)"""
     placement: Literal["separate", "colocated"] = "separate"
     """the RL stage's roles. separate: each role its own actors, sized by its section.
     colocated: one worker per learner rank (sized by the learner section) hosts the policy's
@@ -148,11 +149,14 @@ class RunConfig(Section):
         if self.stages != order:
             raise ValueError(f"stages must be in recipe order {list(STAGES)} without repeats")
         for stage in ("sft", "rm"):
-            batch = getattr(self, stage).batch_size
-            if batch % self.learner.ranks:
+            batch, ranks = getattr(self, stage).batch_size, self.stage_learner(stage).ranks
+            if batch % ranks:
+                field = (
+                    f"{stage}.learner.ranks" if getattr(self, stage).learner else "learner.ranks"
+                )
                 raise ValueError(
-                    f"{stage}.batch_size ({batch}) must be a multiple of learner.ranks "
-                    f"({self.learner.ranks}) so that every rank gets the same share"
+                    f"{stage}.batch_size ({batch}) must be a multiple of {field} ({ranks}) so "
+                    "that every rank gets the same share"
                 )
         for name, batch, ranks in (
             ("ppo.minibatch_size", self.ppo.minibatch_size, self.learner.ranks),
@@ -233,6 +237,16 @@ class RunConfig(Section):
                         raise ValueError(f"{stage}.{name} must be set when task is null")
         return self
 
+    def stage_learner(self, stage: Literal["sft", "rm"]) -> LearnerConfig:
+        """The learner group that trains `stage`: the learner section with the stage's own
+        `learner` settings over it."""
+        own = getattr(self, stage).learner
+        return (
+            LearnerConfig.model_validate({**self.learner.model_dump(), **own})
+            if own
+            else self.learner
+        )
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir)
@@ -305,6 +319,8 @@ def _describe(err: Any, source: str, overridden: set[str]) -> str:
         tip = f" (did you mean {hint[0]!r}?)" if hint else ""
         return f"{where}: {field}: unknown field{tip}"
     msg = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a check of several fields: its message names them; the input is the whole file
+        return f"{where}: {msg}"
     return f"{where}: {field}: {msg} (got {err.get('input')!r})"
 
 

@@ -154,8 +154,8 @@ def train(
         results["labeler_ceiling"] = labeler_ceiling(inputs, labeler)
 
     def start_group() -> LearnerGroup:
-        group = learner_group(config.learner, config.seed, "rm-learner", cfg.batch_size,
-                              config.ray, log)  # fmt: skip
+        learner = config.stage_learner("rm")
+        group = learner_group(learner, config.seed, "rm-learner", cfg.batch_size, config.ray, log)
         params = group.build(
             ModelSpec(
                 inputs.model,

@@ -81,15 +81,15 @@ def train(
     total = steps_per_epoch * cfg.epochs
 
     def start_group() -> LearnerGroup:
-        group = learner_group(config.learner, config.seed, "sft-learner", cfg.batch_size,
-                              config.ray, log)  # fmt: skip
+        learner = config.stage_learner("sft")
+        group = learner_group(learner, config.seed, "sft-learner", cfg.batch_size, config.ray, log)
         params = group.build(
             ModelSpec(inputs.model, trust_remote_code=config.trust_remote_code),
             optim_spec(cfg.optim, total),
         )
         log(
             f"sft: {params:,} parameters on {group.ranks} rank(s), "
-            f"ZeRO-{config.learner.zero_stage}; {len(inputs.train)} demonstrations, {total} steps"
+            f"ZeRO-{learner.zero_stage}; {len(inputs.train)} demonstrations, {total} steps"
         )
         return group
 
