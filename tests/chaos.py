@@ -11,19 +11,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+NOT_DEAD = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "ALIVE", "RESTARTING")
+
 
 def actors_not_dead() -> dict[str, dict]:
     """This session's cluster's actors that are not dead (alive, pending or restarting), by
-    actor id, from the GCS's actor table (no dashboard needed)."""
+    actor id, from the GCS's actor table (no dashboard needed). Filtered by the GCS: late in a
+    test session the table holds every dead actor of the tests before, and reading them all
+    takes long enough for a chaos kill to miss its moment."""
     from ray._private.state import actors
 
-    return {key: a for key, a in actors().items() if a["State"] != "DEAD"}
+    return {key: a for state in NOT_DEAD for key, a in actors(actor_state_name=state).items()}
 
 
 def live_pids(actor_class: str) -> list[int]:
     """The processes of this session's cluster's live actors of `actor_class`."""
-    live = [a for a in actors_not_dead().values() if a["State"] == "ALIVE" and a["Pid"]]
-    return [a["Pid"] for a in live if a["ActorClassName"] == actor_class]
+    from ray._private.state import actors
+
+    live = actors(actor_state_name="ALIVE").values()
+    return [a["Pid"] for a in live if a["ActorClassName"] == actor_class and a["Pid"]]
 
 
 class Chaos:
@@ -35,6 +41,7 @@ class Chaos:
         self.lines: list[str] = []
         self.killed: list[str] = []
         self.threads: list[threading.Thread] = []
+        self.stopped = threading.Event()
 
     def log(self, line: str) -> None:
         self.lines.append(line)
@@ -46,15 +53,18 @@ class Chaos:
         def watch() -> None:
             deadline = time.time() + 1200
             while not after() and time.time() < deadline:
-                time.sleep(0.02)
-            time.sleep(self.rng.uniform(0.0, jitter))
+                if self.stopped.wait(0.02):
+                    return
+            if self.stopped.wait(self.rng.uniform(0.0, jitter)):
+                return
             while time.time() < deadline:
                 alive = live_pids(actor_class)
                 if alive:
                     os.kill(self.rng.choice(alive), signal.SIGKILL)
                     self.killed.append(actor_class)
                     return
-                time.sleep(0.02)
+                if self.stopped.wait(0.02):
+                    return
 
         thread = threading.Thread(target=watch, daemon=True)
         thread.start()
@@ -87,5 +97,7 @@ class Chaos:
         return reached
 
     def join(self) -> None:
+        """Stop the kills still waiting (their run has ended) and wait for the threads."""
+        self.stopped.set()
         for thread in self.threads:
             thread.join(timeout=5)

@@ -57,7 +57,9 @@ def ray_cluster():
 def no_actor_outlives_its_test(request: pytest.FixtureRequest):
     """Every actor a test starts on the session's cluster is gone when it ends (a role left
     running would hold CPUs and memory that the tests after it need); those of the longer-lived
-    fixtures, up before the test, may stay."""
+    fixtures, up before the test, may stay. Such a fixture waits for its actors to answer before
+    it yields: Ray registers an unnamed actor in the background, so one created just before the
+    test may not be in the table yet when this fixture lists what was there before."""
     import ray
 
     from tests.chaos import actors_not_dead

@@ -86,6 +86,7 @@ def engine(ray_cluster, smollm2: Path):
         num_cpus=0.5,
         actor_kwargs={"config": EngineConfig(model=str(smollm2), max_model_len=256)},
     )
+    assert not group.any_dead(timeout_s=600)  # up before the test's leak check looks
     yield group
     group.shutdown()
 
