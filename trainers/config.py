@@ -151,9 +151,7 @@ class RunConfig(Section):
         for stage in ("sft", "rm"):
             batch, ranks = getattr(self, stage).batch_size, self.stage_learner(stage).ranks
             if batch % ranks:
-                field = (
-                    f"{stage}.learner.ranks" if getattr(self, stage).learner else "learner.ranks"
-                )
+                field = f"{self.stage_learner_section(stage)}.ranks"
                 raise ValueError(
                     f"{stage}.batch_size ({batch}) must be a multiple of {field} ({ranks}) so "
                     "that every rank gets the same share"
@@ -246,6 +244,10 @@ class RunConfig(Section):
             if own
             else self.learner
         )
+
+    def stage_learner_section(self, stage: Literal["sft", "rm"]) -> str:
+        """The section a user edits to size `stage`'s learners: its own, where set."""
+        return f"{stage}.learner" if getattr(self, stage).learner else "learner"
 
     @property
     def run_dir(self) -> Path:

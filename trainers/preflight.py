@@ -138,8 +138,7 @@ def _demand(config: RunConfig, stage: str) -> list[tuple[str, float, float]]:
     if stage == "collect":
         return [engines]
     if stage == "sft" or stage == "rm":
-        name = f"{stage}.learner" if getattr(config, stage).learner else "learner"
-        return [learners(name, config.stage_learner(stage))]
+        return [learners(config.stage_learner_section(stage), config.stage_learner(stage))]
     critic = [learners("ppo.critic", config.ppo.critic)] if config.ppo.uses_critic else []
     return [
         learners("learner", config.learner),
