@@ -10,6 +10,9 @@ with the log-probs of the distribution it sampled from, and takes new weights in
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +48,31 @@ class Sampling:
     """responses per prompt, sampled together (the prompt's prefill is shared)"""
 
 
+def _session_dir() -> str | None:
+    """This node's Ray session folder (None outside a Ray worker)."""
+    import ray
+
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return node.get_session_dir_path() if node is not None else None
+
+
+@contextmanager
+def _temporary_files_in(folder: str | None) -> Iterator[None]:
+    """Python's temporary files in `folder` for a while. vLLM's single-process engine meets
+    itself through a file store that it names in the temporary folder and never removes (one
+    `vllm_dist_<uuid>` per engine start, left at the top of /tmp); in the session folder it
+    stays with the session's logs."""
+    if folder is None:
+        yield
+        return
+    before = tempfile.tempdir
+    tempfile.tempdir = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+
+
 class RolloutEngine(BusyClock):
     """One vLLM engine. Create through an `ActorGroup` (SPREAD over nodes)."""
 
@@ -64,17 +92,18 @@ class RolloutEngine(BusyClock):
         kwargs: dict[str, Any] = {}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-        self.llm = LLM(
-            model=config.model,
-            dtype=config.dtype,
-            enforce_eager=config.enforce_eager,
-            max_model_len=config.max_model_len,
-            seed=config.seed + rank,
-            # log-probs of the distribution actually sampled from (after temperature)
-            logprobs_mode="processed_logprobs",
-            trust_remote_code=config.trust_remote_code,
-            **kwargs,
-        )
+        with _temporary_files_in(_session_dir()):
+            self.llm = LLM(
+                model=config.model,
+                dtype=config.dtype,
+                enforce_eager=config.enforce_eager,
+                max_model_len=config.max_model_len,
+                seed=config.seed + rank,
+                # log-probs of the distribution actually sampled from (after temperature)
+                logprobs_mode="processed_logprobs",
+                trust_remote_code=config.trust_remote_code,
+                **kwargs,
+            )
 
     def generate(
         self,

@@ -28,8 +28,20 @@ def prompts(small_task: Path) -> list[list[int]]:
     return [encode_prompt(tok, r["prompt"]) for r in rows.select(range(6))]
 
 
+def _rendezvous_files() -> set[Path]:
+    """vLLM's file stores at the top of the temporary folder (see actors/rollout.py)."""
+    import tempfile
+
+    return set(Path(tempfile.gettempdir()).glob("vllm_dist_*"))
+
+
 @pytest.fixture(scope="module")
-def engine(ray_cluster, small_task: Path):
+def files_before_the_engine() -> set[Path]:
+    return _rendezvous_files()
+
+
+@pytest.fixture(scope="module")
+def engine(ray_cluster, small_task: Path, files_before_the_engine: set[Path]):
     """A compiled engine (rollout.enforce_eager=false; every PPO test runs the default eager
     one): the tests below check that it samples, scores and takes new weights like the
     learner."""
@@ -43,6 +55,7 @@ def engine(ray_cluster, small_task: Path):
             "config": EngineConfig(model=str(small_task / "base_model"), enforce_eager=False)
         },
     )
+    assert not group.any_dead(timeout_s=600)  # up before the test's leak check looks
     yield group
     group.shutdown()
 
@@ -79,6 +92,10 @@ def test_engine_samples_with_logprobs_that_the_reference_agrees_with(engine, sma
         for a, b in zip(s["logprobs"], r, strict=True)
     ]
     assert max(gaps) > 1e-2
+
+
+def test_an_engine_leaves_no_file_in_the_temporary_folder(engine, files_before_the_engine):
+    assert _rendezvous_files() <= files_before_the_engine
 
 
 def test_packed_batches_score_like_single_sequences(small_task: Path) -> None:
