@@ -38,7 +38,8 @@ class SFTConfig(Section):
     epochs: int = Field(default=3, ge=1)
     """passes over the demonstrations"""
     batch_size: int = Field(default=32, ge=1)
-    """demonstrations per optimizer step, over all ranks (a multiple of learner.ranks)"""
+    """demonstrations per optimizer step, over all ranks (a multiple of the ranks:
+    sft.learner.ranks where set, else learner.ranks)"""
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """optimizer and schedule"""
     learner: dict[str, Any] = Field(default_factory=dict, description=_LEARNER_DOC)
@@ -67,8 +68,8 @@ class RMConfig(Section):
     epochs: int = Field(default=2, ge=1)
     """passes over the comparisons"""
     batch_size: int = Field(default=16, ge=1)
-    """prompts (each with all its K ranked responses) per step, over all ranks (a multiple of
-    learner.ranks)"""
+    """prompts (each with all its K ranked responses) per step, over all ranks (a multiple of the
+    ranks: rm.learner.ranks where set, else learner.ranks)"""
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-4))
     """optimizer and schedule"""
     learner: dict[str, Any] = Field(default_factory=dict, description=_LEARNER_DOC)
