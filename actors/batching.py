@@ -54,6 +54,21 @@ def response_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     return model(**inputs).logits[:, p - 1 : p - 1 + a]
 
 
+def target_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """A causal LM's outputs over a right-padded batch (input_ids, attention_mask, loss_mask:
+    (B, T)) from column c, the first whose next token is a target in any row, to the end:
+    ((B, T − c, V), c). The LM head is not applied at the prompt positions before c (on SmolLM2
+    a demonstration's 40-token prompt is two thirds of it). Read them with
+    `trainers.losses.token_logprobs(logits, input_ids[:, c:])` and `loss_mask[:, c:]`."""
+    ids, t = batch["input_ids"], batch["input_ids"].shape[1]
+    columns = batch["loss_mask"][:, 1:].bool().any(dim=0).nonzero()
+    c = int(columns[0]) if len(columns) else t - 1
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+    if _keeps_logits(model):
+        return model(**inputs, logits_to_keep=t - c).logits, c
+    return model(**inputs).logits[:, c:], c
+
+
 def _keeps_logits(model: Any) -> bool:
     """The model's forward takes `logits_to_keep` (a DeepSpeed engine: its module's)."""
     forward = getattr(model, "module", model).forward

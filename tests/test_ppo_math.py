@@ -284,3 +284,51 @@ def test_response_logprobs_skip_the_prompt_positions_and_match_the_full_log_soft
         want = want.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         got = response_logprobs(kept, batch, temperature)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_demonstration_loss_skips_the_prompt_positions_and_matches_the_full_pass() -> None:
+    """The SFT loss, its evaluation and PPO-ptx apply the LM head from the first response
+    position on (`actors.batching.target_logits`), with the same loss and gradients as the full
+    pass over every position; a model without logits_to_keep gives the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from actors.batching import target_logits
+    from trainers.encoding import collate_sft
+    from trainers.losses import sft_loss
+    from trainers.objectives import sft_eval, sft_objective
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, pad_token_id=0,
+        )
+    )  # fmt: skip
+    examples = [  # prompts of 6 and 4 tokens, responses of 3 and 5 (right-padded to 9)
+        {"input_ids": [5, 9, 11, 3, 17, 21, 7, 8, 2], "loss_mask": [0] * 6 + [1] * 3},
+        {"input_ids": [4, 6, 19, 23, 12, 13, 14, 15, 2], "loss_mask": [0] * 4 + [1] * 5},
+    ]
+    batch = collate_sft(examples, pad_id=0, normalizer=8)
+    logits, c = target_logits(model, batch)
+    assert c == 3 and logits.shape == (2, 6, 96)  # the first target is row 2's token 4
+
+    class _Plain(torch.nn.Module):  # a causal LM without logits_to_keep
+        def forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
+            return model(input_ids=input_ids, attention_mask=attention_mask)
+
+    plain, c_plain = target_logits(_Plain(), batch)
+    torch.testing.assert_close(plain, logits, atol=1e-5, rtol=1e-5)
+    assert c_plain == c
+
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = sft_loss(full, batch["input_ids"], batch["loss_mask"], 8)
+    (want_grad,) = torch.autograd.grad(want, model.model.embed_tokens.weight)
+    got, figures = sft_objective(model, batch)
+    assert figures["loss"] == pytest.approx(float(want.detach()))
+    (got_grad,) = torch.autograd.grad(got, model.model.embed_tokens.weight)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-5)
+    # the evaluation's rows: each example's summed NLL and its count of response tokens
+    rows = sft_eval(model, batch).detach()
+    assert rows[:, 1].tolist() == [3.0, 5.0]
+    torch.testing.assert_close(rows[:, 0].sum() / 8, want.detach(), atol=1e-6, rtol=1e-5)

@@ -18,6 +18,7 @@ from actors.batching import (
     response_logprobs,
     sample_logprobs,
     shared_prefix_scores,
+    target_logits,
     unpack_rows,
 )
 from cluster.groups import split_evenly
@@ -32,17 +33,23 @@ from trainers.ppo_math import (
 )
 
 
+def demonstration_nll(model: Any, batch: dict[str, Any], normalizer: float) -> torch.Tensor:
+    """The summed NLL of a collated batch of demonstrations' response tokens over `normalizer`,
+    the LM head applied only from the first response position on."""
+    logits, c = target_logits(model, batch)
+    return sft_loss(logits, batch["input_ids"][:, c:], batch["loss_mask"][:, c:], normalizer)
+
+
 def sft_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"], batch["normalizer"])
+    loss = demonstration_nll(model, batch, batch["normalizer"])
     return loss, {"loss": float(loss.detach())}
 
 
 def sft_eval(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """(B, 2): each example's summed response NLL and its count of response tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    mask = batch["loss_mask"][:, 1:].float()  # (B, T-1)
-    nll = -token_logprobs(logits, batch["input_ids"]) * mask  # (B, T-1)
+    logits, c = target_logits(model, batch)
+    mask = batch["loss_mask"][:, c + 1 :].float()  # (B, T-1-c)
+    nll = -token_logprobs(logits, batch["input_ids"][:, c:]) * mask
     return torch.stack([nll.sum(dim=1), mask.sum(dim=1)], dim=1)
 
 
@@ -239,12 +246,8 @@ def ppo_objective(
         metrics["kl_loss"] = float(kl.detach())
         metrics["kl_k3"] = kl_mean * share
     if "ptx_input_ids" in batch and ptx_coef > 0:
-        ptx_logits = model(
-            input_ids=batch["ptx_input_ids"], attention_mask=batch["ptx_attention_mask"]
-        ).logits
-        ptx = sft_loss(
-            ptx_logits, batch["ptx_input_ids"], batch["ptx_loss_mask"], batch["ptx_normalizer"]
-        )
+        demos = {k: batch[f"ptx_{k}"] for k in ("input_ids", "attention_mask", "loss_mask")}
+        ptx = demonstration_nll(model, demos, batch["ptx_normalizer"])
         total = total + ptx_coef * ptx
         metrics["ptx_loss"] = float(ptx.detach())
     return total, metrics
