@@ -64,6 +64,14 @@ def test_a_stage_s_own_learner_settings_go_over_the_learner_section(tmp_path: Pa
         load_config(_write(tmp_path, text + "learner: {ranks: 2}}\n"))
     assert "rm.batch_size (3) must be a multiple of rm.learner.ranks (2)" in str(e.value)
     assert "(got" not in str(e.value)
+    # where the stage's own settings leave its ranks to the learner section, the error names it
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            _write(
+                tmp_path, "learner: {ranks: 2}\nrm: {batch_size: 3, learner: {torch_threads: 2}}\n"
+            )
+        )
+    assert "rm.batch_size (3) must be a multiple of learner.ranks (2)" in str(e.value)
     for bad, said in (
         ("{rank: 1}", "rm.learner: rank: not a field of the learner section"),
         ("{ranks: 0}", "rm.learner: ranks: Input should be greater than or equal to 1"),

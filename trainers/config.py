@@ -151,7 +151,7 @@ class RunConfig(Section):
         for stage in ("sft", "rm"):
             batch, ranks = getattr(self, stage).batch_size, self.stage_learner(stage).ranks
             if batch % ranks:
-                field = f"{self.stage_learner_section(stage)}.ranks"
+                field = f"{self.stage_learner_section(stage, 'ranks')}.ranks"
                 raise ValueError(
                     f"{stage}.batch_size ({batch}) must be a multiple of {field} ({ranks}) so "
                     "that every rank gets the same share"
@@ -245,9 +245,11 @@ class RunConfig(Section):
             else self.learner
         )
 
-    def stage_learner_section(self, stage: Literal["sft", "rm"]) -> str:
-        """The section a user edits to size `stage`'s learners: its own, where set."""
-        return f"{stage}.learner" if getattr(self, stage).learner else "learner"
+    def stage_learner_section(self, stage: Literal["sft", "rm"], field: str | None = None) -> str:
+        """The section a user edits to size `stage`'s learners (to change their `field`): the
+        stage's own, where it is set (where it sets that field)."""
+        own = getattr(self, stage).learner
+        return f"{stage}.learner" if (field in own if field else own) else "learner"
 
     @property
     def run_dir(self) -> Path:

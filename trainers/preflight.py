@@ -138,7 +138,8 @@ def _demand(config: RunConfig, stage: str) -> list[tuple[str, float, float]]:
     if stage == "collect":
         return [engines]
     if stage == "sft" or stage == "rm":
-        return [learners(config.stage_learner_section(stage), config.stage_learner(stage))]
+        section = config.stage_learner_section(stage, "ranks")
+        return [learners(section, config.stage_learner(stage))]
     critic = [learners("ppo.critic", config.ppo.critic)] if config.ppo.uses_critic else []
     return [
         learners("learner", config.learner),
