@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import threading
 import time
 from pathlib import Path
@@ -126,6 +127,19 @@ class WorkerLog:
                 self._file = None
 
 
+_stop_signal: list[int] = []  # the signal that stopped the driver, if one did
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    _stop_signal.append(signum)
+    raise KeyboardInterrupt
+
+
+def stop_signal() -> int | None:
+    """The signal (SIGTERM) that interrupted the driver while a RayRuntime was open, if any."""
+    return _stop_signal[-1] if _stop_signal else None
+
+
 class RayRuntime:
     """Context manager: a Ray session for one run.
 
@@ -152,6 +166,7 @@ class RayRuntime:
         self.include_dashboard = include_dashboard
         self.env = dict(env or {})
         self._owned = False
+        self._sigterm: Any = None
 
     def __enter__(self) -> RayRuntime:
         self._start()
@@ -192,6 +207,15 @@ class RayRuntime:
             kwargs["address"] = self.address
         ray.init(**kwargs)
         self._owned = True
+        self._stop_on_sigterm()
+
+    def _stop_on_sigterm(self) -> None:
+        """Ray's driver answers SIGTERM with a C++ stack dump on the console. A run stopped so
+        (`instructray stop`, `ray job stop`, `kill`) stops as on Ctrl-C instead: a
+        KeyboardInterrupt in the driver, whose cleanup stops the roles and the session (what
+        `stop_signal` tells apart). Ray installs its handler in `ray.init`, so this comes after."""
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
 
     def __exit__(
         self,
@@ -205,3 +229,6 @@ class RayRuntime:
         if self._owned:
             ray.shutdown()
             self._owned = False
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None

@@ -148,3 +148,55 @@ def test_what_actors_print_goes_to_the_run_log_not_the_console(
     out, err = capfd.readouterr()
     assert "engine chatter" not in out + err and "library warning" not in out + err
     assert "A worker died" not in out + err
+
+
+@pytest.mark.integration
+def test_a_run_stopped_with_sigterm_says_so_in_one_line_and_leaves_no_process(
+    tmp_path: Path,
+) -> None:
+    """`instructray stop` and `ray job stop` stop a run with SIGTERM, to which Ray's driver
+    answers with a C++ stack dump: the run stops as on Ctrl-C instead, with one line that says
+    how to continue, exit status 143, and no process of the cluster it started left."""
+    import subprocess
+    import sys
+    import threading
+
+    import psutil
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainers.cli", "run", "configs/tiny.yaml",
+         f"output_dir={tmp_path}", "task.train_prompts=64", "task.heldout_prompts=16",
+         "wandb.mode=disabled"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(line.startswith("sft: ") for line in lines):
+            assert proc.poll() is None, "".join(lines)
+            time.sleep(0.5)
+        started = psutil.Process(proc.pid).children(recursive=True)  # Ray's processes among them
+        assert started, "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=30)
+    out = "".join(lines)
+    said = "instructray: stopped (SIGTERM). What the stages finished and their checkpoints stay in"
+    assert f"{said} {tmp_path}/" in out
+    assert "--resume" in out
+    assert "SIGTERM received" not in out and "Traceback" not in out, out
+    _, alive = psutil.wait_procs(started, timeout=60)
+    assert not alive, [(p.pid, p.name()) for p in alive]

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--restart",
         action="store_true",
-        help="train stages again even where they finished with other settings",
+        help="train the config's stages again from the start, finished or checkpointed ones "
+        "too (a stage that finished with other settings is refused without it)",
     )
     run.add_argument(
         "--resume",
@@ -225,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.restart and args.resume:
             parser.error("--restart and --resume exclude each other")
-        run_pipeline(config, restart=args.restart, resume=args.resume)
+        try:
+            run_pipeline(config, restart=args.restart, resume=args.resume)
+        except KeyboardInterrupt:
+            return _stopped(config.run_dir)
         return 0
     except _ranking_needed() as e:  # labeler human: people rank the samples, then run again
         print(f"instructray: {e}", file=sys.stderr)
@@ -233,6 +237,22 @@ def main(argv: list[str] | None = None) -> int:
     except _known_errors() as e:
         print(f"instructray: error: {e}", file=sys.stderr)
         return 2
+
+
+def _stopped(run_dir: Path) -> int:
+    """A run stopped by Ctrl-C or SIGTERM: one line, no traceback; 128 + the signal's number."""
+    import signal
+
+    from cluster.runtime import stop_signal
+
+    sig = stop_signal() or signal.SIGINT
+    how = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    print(
+        f"\ninstructray: stopped ({how}). What the stages finished and their checkpoints stay in "
+        f"{run_dir}/: the same command with --resume continues from them",
+        file=sys.stderr,
+    )
+    return 128 + int(sig)
 
 
 if __name__ == "__main__":

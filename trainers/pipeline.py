@@ -71,8 +71,9 @@ def _stage(
         if record.differences():
             raise StageConflict(
                 f"{record.path.parent} holds a finished {name} stage run with other settings "
-                f"({', '.join(record.differences())} differ); pass --restart to train it again "
-                "over it, or choose another output_dir"
+                f"({', '.join(record.differences())} differ); pass --restart to train the run's "
+                f"stages again over it (with stages=[{name}], this one only), or choose another "
+                "output_dir"
             )
     figures = train()
     record.write(figures)
