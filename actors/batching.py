@@ -41,17 +41,16 @@ def pack(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 def response_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """(B, A, V): a causal LM's outputs that choose the response tokens of a packed batch
     (columns P − 1 to P + A − 2), computed only there: the LM head (49,152 outputs a token on
-    SmolLM2) is not applied at prompt positions. transformers' `logits_to_keep` keeps the last
-    A + 1 columns; a model without it computes them all and they are sliced."""
+    SmolLM2) is not applied at prompt positions: they are the batch's last A + 1 columns but
+    one."""
     p, a = batch["prompt_width"], batch["response_mask"].shape[1]
     inputs = {
         "input_ids": batch["input_ids"],
         "attention_mask": batch["attention_mask"],
         "position_ids": batch["position_ids"],
     }
-    if _keeps_logits(model):
-        return model(**inputs, logits_to_keep=a + 1).logits[:, :a]
-    return model(**inputs).logits[:, p - 1 : p - 1 + a]
+    assert batch["input_ids"].shape[1] == p + a
+    return _last_logits(model, inputs, a + 1)[:, :a]
 
 
 def target_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -64,9 +63,15 @@ def target_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]
     columns = batch["loss_mask"][:, 1:].bool().any(dim=0).nonzero()
     c = int(columns[0]) if len(columns) else t - 1
     inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+    return _last_logits(model, inputs, t - c), c
+
+
+def _last_logits(model: Any, inputs: dict[str, Any], k: int) -> torch.Tensor:
+    """(B, k, V): a causal LM's outputs at the last k columns, the LM head applied only there
+    (transformers' `logits_to_keep`); a model without it computes them all and they are sliced."""
     if _keeps_logits(model):
-        return model(**inputs, logits_to_keep=t - c).logits, c
-    return model(**inputs).logits[:, c:], c
+        return model(**inputs, logits_to_keep=k).logits
+    return model(**inputs).logits[:, -k:]
 
 
 def _keeps_logits(model: Any) -> bool:
