@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.batching import last_token_scores, pack, sample_logprobs, with_end_token
+from actors.batching import pack, packed_scores, sample_logprobs, with_end_token
 from actors.busy import BusyClock
 
 
@@ -83,9 +83,7 @@ class RewardModel(_Frozen):
         with torch.no_grad(), self.busy():
             offset = float(getattr(self.model.config, "reward_offset", 0.0))
             for b in self._batches([with_end_token(s, self.eos_id) for s in samples]):
-                raw = last_token_scores(
-                    self.model, b["input_ids"], b["attention_mask"], b["position_ids"]
-                )
+                raw = packed_scores(self.model, b)
                 scores.extend((raw - offset).tolist())
         return scores
 

@@ -14,6 +14,7 @@ import torch
 from actors.batching import (
     last_token_scores,
     pack,
+    packed_states,
     response_logits,
     response_logprobs,
     sample_logprobs,
@@ -100,13 +101,8 @@ def _padded(rows: list[dict[str, Any]], key: str, width: int) -> torch.Tensor:
 def critic_values(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """(B, A) values of a packed batch: the critic (a sequence classifier's body and score head)
     read at every position; the value of response token t is at the state before it."""
-    module = getattr(model, "module", model)
-    hidden = module.model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-    ).last_hidden_state
-    values = module.score(hidden).squeeze(-1).float()  # (B, T)
+    hidden = packed_states(model, batch)
+    values = getattr(model, "module", model).score(hidden).squeeze(-1).float()  # (B, T)
     p, a = batch["prompt_width"], batch["response_mask"].shape[1]
     return values[:, p - 1 : p - 1 + a]
 
