@@ -94,14 +94,15 @@ $(PEERS)/%/.installed: bench/peers/%.txt
 	touch $@
 
 # The benchmarks (bench/): each prints its table and writes bench/results/NAME.json; the
-# iteration benchmarks run TRL in the same run (make peers, above).
-bench: $(STAMP) $(PEER_ENVS)
+# iteration benchmarks run TRL in the same run (make peers, above); shared_prefix reads SmolLM2.
+bench: $(STAMP) $(PEER_ENVS) $(SMOLLM2)/config.json
 	$(PY) -m bench.rollout
 	$(PY) -m bench.weight_sync
 	$(PY) -m bench.ppo_iteration
 	$(PY) -m bench.grpo_iteration
 	$(PY) -m bench.scaling
 	$(PY) -m bench.role_start
+	$(PY) -m bench.shared_prefix
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .mypy_cache
