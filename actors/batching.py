@@ -83,13 +83,13 @@ def _packed_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     mask = inputs["attention_mask"]
     ones = torch.ones(rows, n, dtype=mask.dtype, device=mask.device)
     positions = torch.arange(n, device=prefix.device)[None, :]
-    if not (_takes(model, "past_key_values") and _takes(_transformer(model), "past_key_values")):
+    body = _transformer(model)
+    if not (_takes(model, "past_key_values") and _takes(body, "past_key_values")):
         return {
             "input_ids": torch.cat([prefix.expand(rows, n), inputs["input_ids"]], dim=1),
             "attention_mask": torch.cat([ones, mask], dim=1),
             "position_ids": torch.cat([positions.expand(rows, n), inputs["position_ids"]], dim=1),
         }
-    body = _transformer(model)
     cache = body(input_ids=prefix, position_ids=positions, use_cache=True).past_key_values
     cache.batch_select_indices(torch.zeros(rows, dtype=torch.long, device=prefix.device))
     return {**inputs, "attention_mask": torch.cat([ones, mask], dim=1), "past_key_values": cache}
@@ -237,8 +237,7 @@ def shared_prefix_scores(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     SmolLM2 with 40-token prompts and 33-token responses, 4 a prompt, a training step costs about
     0.6 of the full pass's. Batch: see trainers.encoding.collate_comparisons. Prefixes are
     right-padded and the padding masked, so no query row is fully masked."""
-    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    body = getattr(module, module.base_model_prefix)
+    module, body = getattr(model, "module", model), _transformer(model)
     prefix_mask, suffix_mask, owner = batch["prefix_mask"], batch["suffix_mask"], batch["owner"]
     prefix_len = prefix_mask.sum(dim=1)
     if prefix_mask.shape[1] == 0:  # nothing shared: one plain pass
