@@ -13,6 +13,7 @@ taken out of the rows and computed once, their keys and values given to every ro
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -54,18 +55,23 @@ def pack(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     return batch
 
 
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many first tokens all the sequences share, leaving each at least its last token."""
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences[1:]):
+        n += 1
+    return n
+
+
 def shared_prompt_length(samples: list[dict[str, Any]]) -> int:
     """How many first tokens every prompt of the batch shares, where computing them once saves
     work: at least `MIN_SHARED_TOKENS`, over two rows or more, and each prompt keeps one token
     of its own (its last, whose output chooses the response's first token). 0 otherwise."""
     if len(samples) < 2:
         return 0
-    prompts = [s["prompt_ids"] for s in samples]
-    limit = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    n = 0
-    while n < limit and all(p[n] == first[n] for p in prompts):
-        n += 1
+    n = common_prefix_length([s["prompt_ids"] for s in samples])
     return n if n >= MIN_SHARED_TOKENS else 0
 
 

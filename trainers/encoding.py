@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from actors.batching import common_prefix_length
 from trainers.formats import DataError, Message
 
 # -- encoding ----------------------------------------------------------------------------------
@@ -172,17 +173,6 @@ def collate_sft(examples: list[dict[str, Any]], pad_id: int, normalizer: float) 
     }
 
 
-def _shared_prefix(sequences: list[list[int]]) -> int:
-    """Tokens that all the sequences start with (their prompt, and any response tokens they all
-    share), leaving each at least its last token."""
-    n = min(len(s) for s in sequences) - 1
-    first = sequences[0]
-    for i in range(n):
-        if any(s[i] != first[i] for s in sequences[1:]):
-            return i
-    return n
-
-
 def collate_comparisons(
     examples: list[dict[str, Any]], pad_id: int, normalizer: float
 ) -> dict[str, Any]:
@@ -198,7 +188,7 @@ def collate_comparisons(
     owner: list[int] = []
     index, valid = [], []
     k_max = max(len(e["sequences"]) for e in examples)
-    shared = [_shared_prefix(e["sequences"]) for e in examples]
+    shared = [common_prefix_length(e["sequences"]) for e in examples]
     if min(shared) == 0:  # rows that share nothing (not one prompt's): one plain pass
         shared = [0] * len(examples)
     for p, (e, n) in enumerate(zip(examples, shared, strict=True)):
