@@ -2,7 +2,12 @@
 holds each group's DeepSpeed state (weights, optimizer, schedule) and `driver.json`, the driver's
 state. A checkpoint is written into a `.tmp` folder and renamed when whole; `latest` names the
 newest whole one and moves only after the rename, so a run killed while writing goes back to the
-one before."""
+one before.
+
+A checkpoint that does not fit on the disk stops the run with a `CheckpointSpaceError` before a
+byte is written (the space it needs is the last checkpoint's size), or, when the disk fills while
+it is written, with the partial folder removed: the checkpoints already written stay as they
+were, and the run continues from the last one with --resume once there is room."""
 
 from __future__ import annotations
 
@@ -14,6 +19,18 @@ from typing import Any
 
 class CheckpointExists(RuntimeError):
     """An unfinished run's checkpoint is in the way of a fresh start."""
+
+
+class CheckpointSpaceError(RuntimeError):
+    """A checkpoint does not fit on the disk that holds the stage's checkpoints."""
+
+
+# Less than this free on the checkpoints' disk after a failed write: the disk filled up.
+FULL_DISK_BYTES = 256 * 2**20
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 class Checkpoints:
@@ -32,10 +49,31 @@ class Checkpoints:
         name = f"{self.prefix}-{n:06d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        last = self.latest()
+        if last is not None:
+            need, free = folder_bytes(last), shutil.disk_usage(self.root).free
+            if need > free:
+                raise CheckpointSpaceError(
+                    f"{self.root}: checkpoint {name} needs about {need / 1e9:.2f} GB (the size of "
+                    f"{last.name}) and the disk has {free / 1e9:.2f} GB free. {self._advice(last)}"
+                )
         tmp.mkdir(parents=True)
-        for role, group in groups.items():
-            group.save_checkpoint(tmp / role)
-        (tmp / "driver.json").write_text(json.dumps(driver) + "\n")
+        try:
+            for role, group in groups.items():
+                group.save_checkpoint(tmp / role)
+            (tmp / "driver.json").write_text(json.dumps(driver) + "\n")
+        except Exception as e:
+            free = shutil.disk_usage(tmp).free
+            if free >= FULL_DISK_BYTES:
+                raise  # not the disk: a role's fault, recovered by the caller
+            written = folder_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointSpaceError(
+                f"{tmp}: the disk filled up while checkpoint {name} was written "
+                f"({written / 1e9:.2f} GB written, {free / 2**20:.0f} MB left; the partial "
+                "checkpoint is removed). "
+                f"{self._advice(last)}"
+            ) from e
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         pointer = self.root / "latest.tmp"
@@ -45,6 +83,18 @@ class Checkpoints:
         for old in whole[: -self.keep]:
             shutil.rmtree(old)
         return final
+
+    def _advice(self, last: Path | None) -> str:
+        kept = (
+            f"The run stops here; {last} is the last whole checkpoint: free some space (or keep "
+            f"fewer than {self.keep + 1} checkpoints' room: {self.keep} are kept, and a new one "
+            "is written before the oldest goes), then continue from it with --resume"
+        )
+        return (
+            kept
+            if last is not None
+            else ("The run stops here, with no checkpoint yet: free some space and run it again")
+        )
 
     def load(self, folder: Path, groups: dict[str, Any]) -> dict[str, Any]:
         """Every group back in the checkpoint's state; returns its driver.json."""

@@ -13,6 +13,7 @@ from typing import Any
 def _known_errors() -> tuple[type[BaseException], ...]:
     from cluster.groups import PlacementError
     from cluster.jobs import JobError
+    from trainers.checkpoints import CheckpointSpaceError
     from trainers.common import ModelFolderError
     from trainers.config import ConfigError
     from trainers.data import DataError
@@ -31,6 +32,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         StageConflict,
         FileExistsError,
         CheckpointExists,
+        CheckpointSpaceError,
         JobError,
         NonFiniteError,
         PhaseFailed,
