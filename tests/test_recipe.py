@@ -109,11 +109,9 @@ def test_ppo_beats_the_sft_policy_by_the_hidden_labeler(demo_run) -> None:
     assert set(parts) == {
         "start_roles",
         "evaluation_before",
-        "demo_loss_before",
         "iterations",
         "checkpoints",
         "evaluation_after",
-        "demo_loss_after",
         "final_save",
     }
     assert all(v > 0 for v in parts.values()), parts

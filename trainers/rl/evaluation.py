@@ -5,6 +5,7 @@ table and the file of both policies' responses side by side."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,18 @@ def sample_policy(
 def demo_loss(roles: Roles, inputs: RLInputs, batch_size: int) -> float:
     """The policy's NLL per token on held-out demonstrations (the alignment tax's measure)."""
     return demonstration_loss(roles.policy, inputs.heldout_demos, roles.pad_id, batch_size)
+
+
+def evaluate(
+    roles: Roles, inputs: RLInputs, config: RunConfig, labeler: Any, trained: bool = True
+) -> tuple[dict[str, Any], float]:
+    """`sample_policy` and the alignment tax's `demo_loss` at once: the engines generate and the
+    reward scores while the policy's learners, idle otherwise, compute the loss (each part's
+    result is what it would be alone). A fault in either is raised once both have ended."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="demo-loss") as pool:
+        loss = pool.submit(demo_loss, roles, inputs, config.ppo.minibatch_size)
+        sampled = sample_policy(roles, inputs, config, labeler, trained)
+        return sampled, loss.result()
 
 
 def write_eval(path: Path, inputs: RLInputs, before: dict[str, Any], after: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import ray
 from cluster.groups import format_resources
 from trainers.config import RunConfig
 from trainers.rl.checkpoints import Checkpoints
-from trainers.rl.evaluation import demo_loss, sample_policy, sample_rows, write_eval
+from trainers.rl.evaluation import evaluate, sample_rows, write_eval
 from trainers.rl.inputs import RLInputs
 from trainers.rl.iteration import NonFiniteError, SkipGuard, iteration
 from trainers.rl.recovery import FAULTS, Recovery, start_roles
@@ -77,14 +77,9 @@ def train(
             log(f"ppo: resumed from {latest} after iteration {state.iteration}")
         if latest is None:
             with clock.part("evaluation_before"):
-                state.before = recovery.run(
+                state.before, state.sft_demo_loss = recovery.run(
                     "evaluation before training",
-                    lambda: sample_policy(roles, inputs, config, labeler, trained=False),
-                )
-            with clock.part("demo_loss_before"):
-                state.sft_demo_loss = recovery.run(
-                    "alignment-tax loss before training",
-                    lambda: demo_loss(roles, inputs, cfg.minibatch_size),
+                    lambda: evaluate(roles, inputs, config, labeler, trained=False),
                 )
         bar = progress(cfg.iterations, "ppo")
         bar.update(state.iteration)
@@ -125,13 +120,8 @@ def train(
             log_iteration(tracker, bar, figures, experience, inputs, labeler, it, cfg)
         bar.close()
         with clock.part("evaluation_after"):
-            after = recovery.run(
-                "evaluation after training", lambda: sample_policy(roles, inputs, config, labeler)
-            )
-        with clock.part("demo_loss_after"):
-            ppo_demo_loss = recovery.run(
-                "alignment-tax loss after training",
-                lambda: demo_loss(roles, inputs, cfg.minibatch_size),
+            after, ppo_demo_loss = recovery.run(
+                "evaluation after training", lambda: evaluate(roles, inputs, config, labeler)
             )
         with clock.part("final_save"):
             recovery.run("final save", lambda: save_learners(roles, out))

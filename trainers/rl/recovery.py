@@ -1,6 +1,6 @@
 """The RL stage's one recovery: whatever phase a role's process dies or hangs in (the start of the
-roles, the evaluations, an iteration with its weight sync and checkpoint, the alignment-tax loss,
-the final save), the same steps bring the stage back and the phase is done again.
+roles, the evaluations with the alignment-tax loss, an iteration with its weight sync and
+checkpoint, the final save), the same steps bring the stage back and the phase is done again.
 
 - an engine, reward, reference or joiner actor that died or hangs is replaced (an engine with
   the policy's current weights);
