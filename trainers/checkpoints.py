@@ -85,15 +85,13 @@ class Checkpoints:
         return final
 
     def _advice(self, last: Path | None) -> str:
-        kept = (
-            f"The run stops here; {last} is the last whole checkpoint: free some space (or keep "
-            f"fewer than {self.keep + 1} checkpoints' room: {self.keep} are kept, and a new one "
-            "is written before the oldest goes), then continue from it with --resume"
-        )
+        """What the user does next, after the run stopped for want of space."""
+        if last is None:
+            return "The run stops here, with no checkpoint yet: free some space and run it again"
         return (
-            kept
-            if last is not None
-            else ("The run stops here, with no checkpoint yet: free some space and run it again")
+            f"The run stops here; {last} is the last whole checkpoint: free some space (the stage "
+            f"keeps {self.keep} and writes a new one before the oldest goes), then continue from "
+            "it with --resume"
         )
 
     def load(self, folder: Path, groups: dict[str, Any]) -> dict[str, Any]:
