@@ -440,6 +440,32 @@ def test_collect_stage_samples_ranks_skips_when_done_and_resumes(
 
 
 @pytest.mark.unit
+def test_samples_are_kept_when_the_run_and_inputs_move(small_task: Path, tmp_path: Path) -> None:
+    """A half-done collect stage copied elsewhere (another disk, another node's mount) with its
+    policy and prompts, the config pointing at the copies: its samples are the same work, and the
+    people's rankings asked for are the same (no engine starts: none is needed)."""
+    import shutil
+
+    config, out, tok, policy, files = _human_setup(small_task, tmp_path / "a")
+    inputs = collect.prepare(config, policy, *files, out, tok, log=lambda _: None)
+    _write_samples(config, out, inputs)
+    with pytest.raises(collect.RankingNeeded):
+        collect.train(config, inputs, out, _tracker(tmp_path), log=lambda _: None)
+    asked = (out / "to_rank.jsonl").read_text()
+
+    task = tmp_path / "b" / "task"
+    shutil.copytree(small_task, task, copy_function=shutil.copyfile)
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run", copy_function=shutil.copyfile)
+    config, out, tok, policy, files = _human_setup(task, tmp_path / "b")
+    inputs = collect.prepare(config, policy, *files, out, tok, log=lambda _: None)
+    (out / "to_rank.jsonl").unlink()
+    said: list[str] = []
+    with pytest.raises(collect.RankingNeeded):
+        collect.train(config, inputs, out, _tracker(tmp_path), log=said.append)
+    assert (out / "to_rank.jsonl").read_text() == asked
+
+
+@pytest.mark.unit
 def test_samples_made_with_other_settings_are_not_used(small_task: Path, tmp_path: Path) -> None:
     config, out, tok, policy, files = _human_setup(small_task, tmp_path)
     inputs = collect.prepare(config, policy, *files, out, tok, log=lambda _: None)

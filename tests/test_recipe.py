@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,18 @@ def test_a_finished_stage_is_reused_and_never_overwritten_silently(demo_run) -> 
     said.clear()
     assert run(recovery, log=said.append) == summary
     assert sum("finished before with the same settings" in s for s in said) == 3
+    # the run folder copied elsewhere (new files, new times), run there: the same finished work
+    moved = out.parent / "moved" / out.name
+    shutil.copytree(
+        out, moved, copy_function=shutil.copyfile, ignore=shutil.ignore_patterns("wandb")
+    )
+    there = load_config(
+        ROOT / "configs" / "tiny.yaml", [f"output_dir={moved}", "wandb.mode=disabled"]
+    )
+    said.clear()
+    assert run(there, log=said.append) == summary
+    assert sum("finished before with the same settings" in s for s in said) == 3
+    shutil.rmtree(moved.parent)
     changed = load_config(
         ROOT / "configs" / "tiny.yaml", [f"output_dir={out}", "wandb.mode=disabled", "sft.epochs=1"]
     )
@@ -214,20 +227,66 @@ def test_a_finished_stage_is_reused_and_never_overwritten_silently(demo_run) -> 
 def test_a_stage_record_ignores_only_the_settings_of_fault_recovery(tmp_path: Path) -> None:
     """A record written before a recovery setting existed, or with another value of one, is the
     same finished work; any other setting that differs is not."""
-    from trainers.common import StageRecord
+    from trainers.stage_record import StageRecord
 
     old = {"sft": {"lr": 1e-3, "epochs": 2}, "learner": {"ranks": 2}, "seed": 0}
-    StageRecord(tmp_path, old).write({"sft/loss": 1.5})
+    StageRecord(tmp_path, old, {}).write({"sft/loss": 1.5})
     now = {
         "sft": {"lr": 1e-3, "epochs": 2, "checkpoint_every": 7, "learner_restarts": 1},
         "learner": {"ranks": 2, "collective_timeout_s": 60.0},
         "seed": 0,
     }
-    assert StageRecord(tmp_path, now).finished() == {"sft/loss": 1.5}
-    assert StageRecord(tmp_path, now).differences() == []
+    assert StageRecord(tmp_path, now, {}).finished() == {"sft/loss": 1.5}
+    assert StageRecord(tmp_path, now, {}).differences() == []
     other = {**now, "sft": {**now["sft"], "epochs": 3}}
-    assert StageRecord(tmp_path, other).finished() is None
-    assert StageRecord(tmp_path, other).differences() == ["sft"]
+    assert StageRecord(tmp_path, other, {}).finished() is None
+    assert StageRecord(tmp_path, other, {}).differences() == ["sft"]
+
+
+@pytest.mark.unit
+def test_a_stage_record_knows_its_inputs_by_content_not_by_place(tmp_path: Path) -> None:
+    """A run folder copied elsewhere without its files' times, its config's paths pointing at
+    the copy, is the same finished work; a byte changed in an input, or a file added to an input
+    folder, is not. A record of the earlier form ({path: [size, mtime]}) still matches its files
+    unchanged in place."""
+    import json
+    import os
+    import shutil
+
+    from trainers.stage_record import StageRecord
+
+    def stage(run: Path) -> tuple[dict, dict]:
+        settings = {"sft": {"lr": 1e-3, "model": str(run / "base")}, "seed": 0}
+        return settings, {"model": run / "base", "train_data": run / "train.jsonl"}
+
+    first = tmp_path / "first"
+    (first / "base").mkdir(parents=True)
+    (first / "base" / "model.safetensors").write_bytes(b"weights" * 1000)
+    (first / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    StageRecord(first / "sft", *stage(first)).write({"sft/loss": 1.5})
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.copytree(first, moved, copy_function=shutil.copyfile)  # new files, new times
+    assert StageRecord(moved / "sft", *stage(moved)).finished() == {"sft/loss": 1.5}
+
+    weights = moved / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"X")  # one byte, the same size
+    assert StageRecord(moved / "sft", *stage(moved)).finished() is None
+    assert StageRecord(moved / "sft", *stage(moved)).differences() == ["inputs"]
+    shutil.copyfile(first / "base" / "model.safetensors", weights)
+    (moved / "base" / "extra.json").write_text("{}")
+    assert StageRecord(moved / "sft", *stage(moved)).differences() == ["inputs"]
+
+    # a record that knew its files by path, size and modification time
+    settings, inputs = stage(first)
+    files = [first / "base" / "model.safetensors", first / "train.jsonl"]
+    located = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    record = first / "sft" / "stage.json"
+    record.write_text(
+        json.dumps({"settings": {**settings, "inputs": located}, "metrics": {"sft/loss": 2.5}})
+    )
+    assert StageRecord(first / "sft", settings, inputs).finished() == {"sft/loss": 2.5}
+    os.utime(files[1], ns=(0, 0))
+    assert StageRecord(first / "sft", settings, inputs).differences() == ["inputs"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

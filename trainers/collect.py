@@ -75,15 +75,16 @@ class SamplesConflict(FileExistsError):
 def sampling_settings(config: RunConfig, inputs: CollectInputs) -> dict[str, Any]:
     """What the samples (and automatic rankings) depend on: another value makes the kept
     samples stale."""
-    from trainers.common import fingerprint
+    from trainers.stage_record import LOCATION_FIELDS, fingerprint
 
     cfg = config.collect.model_dump(mode="json")
-    cfg.pop("ranked_file")
+    for field in LOCATION_FIELDS["collect"]:  # where the inputs lie: "inputs" has what they hold
+        cfg.pop(field)
     cfg.pop("engines")  # a chunk's samples do not depend on the engine that draws them
     return json.loads(
         json.dumps(
             {
-                "format": 1,
+                "format": 2,
                 "collect": cfg,
                 "labeler_agreement": config.task.labeler_agreement
                 if config.collect.labeler == "task" and config.task is not None
@@ -91,8 +92,7 @@ def sampling_settings(config: RunConfig, inputs: CollectInputs) -> dict[str, Any
                 "seed": config.seed,
                 "data": config.data.model_dump(mode="json"),
                 "dtype": config.rollout.dtype,
-                "policy": str(inputs.policy),
-                "inputs": fingerprint(inputs.policy, *inputs.files.values()),
+                "inputs": fingerprint(policy=inputs.policy, **inputs.files),
             }
         )
     )
@@ -140,10 +140,10 @@ def train(
             lines = _read_lines(kept[split])
         else:
             lines = _read_partial(partials[split])
-        by_where = {p.index: p.where for p in inputs.prompts[split]}
+        by_text = {p.index: p.text for p in inputs.prompts[split]}
         done[split] = {}
         for line in lines:
-            if by_where.get(line["index"]) != line["where"]:
+            if by_text.get(line["index"]) != line["prompt"]:
                 raise SamplesConflict(
                     f"{partials[split]}: line for {line['where']} does not match prompt "
                     f"{line['index']} of {inputs.files[split]}; pass --restart to sample again"

@@ -1,9 +1,8 @@
-"""What the stage drivers share: the learner group from the config, sharded evaluation, model
-folder checks and the stage records."""
+"""What the stage drivers share: the learner group from the config, sharded evaluation and model
+folder checks (the stage records are in trainers/stage_record.py)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -206,71 +205,3 @@ def evaluate(
         for out in group.forward(fn, [collate(s) for s in shards]):
             rows.extend(out.unbind(0))
     return rows[: len(examples)]
-
-
-def fingerprint(*paths: str | Path) -> dict[str, list[int]]:
-    """Size and modification time of each file under the given files and folders."""
-    out: dict[str, list[int]] = {}
-    for p in map(Path, paths):
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        for f in files:
-            stat = f.stat()
-            out[str(f)] = [stat.st_size, stat.st_mtime_ns]
-    return out
-
-
-# Settings that decide how a stage survives faults and how often it saves, never what it
-# computes: a finished stage is the same work whatever they were (and a record written before
-# one of them existed still matches).
-RECOVERY_FIELDS = frozenset(
-    {
-        "checkpoint_every",
-        "keep_checkpoints",
-        "learner_restarts",
-        "chunk_retries",
-        "placement_timeout_s",
-        "collective_timeout_s",
-        "autoscaling_timeout_s",
-    }
-)
-
-
-def _outcome(settings: Any) -> Any:
-    """`settings` without RECOVERY_FIELDS, at any depth."""
-    if isinstance(settings, dict):
-        return {k: _outcome(v) for k, v in settings.items() if k not in RECOVERY_FIELDS}
-    return settings
-
-
-class StageRecord:
-    """`<run>/<stage>/stage.json`: the settings a stage ran with and the figures it reached.
-
-    A finished stage with the same settings is not run again; with other settings the run stops
-    (unless restarted) rather than overwrite finished work. The settings of RECOVERY_FIELDS are
-    recorded but not compared.
-    """
-
-    def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
-        self.path = folder / "stage.json"
-        self.settings = json.loads(json.dumps(settings, default=str))
-
-    def finished(self) -> dict[str, Any] | None:
-        if not self.path.is_file():
-            return None
-        record = json.loads(self.path.read_text())
-        if _outcome(record.get("settings")) == _outcome(self.settings):
-            return dict(record["metrics"])
-        return None
-
-    def differences(self) -> list[str]:
-        if not self.path.is_file():
-            return []
-        old = _outcome(json.loads(self.path.read_text()).get("settings", {}))
-        new = _outcome(self.settings)
-        return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-    def write(self, metrics: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, "metrics": metrics}, indent=2) + "\n")
-        tmp.replace(self.path)

@@ -17,7 +17,7 @@ import yaml
 
 from cluster import RayRuntime
 from trainers import collect, rl, rm, sft
-from trainers.common import StageRecord, check_model_folder, fingerprint
+from trainers.common import check_model_folder
 from trainers.config import RunConfig, to_dict
 from trainers.data import read
 from trainers.preflight import (
@@ -29,6 +29,7 @@ from trainers.preflight import (
     prepare_rm,
     resolve_paths,
 )
+from trainers.stage_record import StageRecord
 from trainers.task import ensure_task, task_labeler
 from trainers.tracking import LibraryLog, Tracker
 
@@ -207,10 +208,11 @@ def _run(
             if "sft" in config.stages:
                 record = StageRecord(
                     paths.sft_out.parent,
+                    {**shared, "sft": plain["sft"]},
                     {
-                        **shared,
-                        "sft": plain["sft"],
-                        "inputs": fingerprint(paths.sft_model, paths.sft_train, paths.sft_heldout),
+                        "model": paths.sft_model,
+                        "train_data": paths.sft_train,
+                        "heldout_data": paths.sft_heldout,
                     },
                 )
                 figures["sft"] = _stage(
@@ -235,12 +237,12 @@ def _run(
                         "labeler_agreement": config.task.labeler_agreement
                         if config.collect.labeler == "task" and config.task is not None
                         else None,
-                        "inputs": fingerprint(
-                            paths.collect_policy,
-                            paths.collect_prompts,
-                            paths.collect_heldout_prompts,
-                            *([ranked] if ranked is not None else []),
-                        ),
+                    },
+                    {
+                        "policy": paths.collect_policy,
+                        "prompts": paths.collect_prompts,
+                        "heldout_prompts": paths.collect_heldout_prompts,
+                        "ranked_file": ranked,
                     },
                 )
                 figures["collect"] = _stage(
@@ -258,12 +260,12 @@ def _run(
                     inputs["rm"] = prepare_rm(config, paths, rm_tok, log)
                 record = StageRecord(
                     paths.rm_out.parent,
+                    {**shared, "rm": plain["rm"]},
                     {
-                        **shared,
-                        "rm": plain["rm"],
-                        "inputs": fingerprint(
-                            paths.rm_model, paths.rm_train, paths.rm_heldout, paths.rm_normalize
-                        ),
+                        "model": paths.rm_model,
+                        "train_data": paths.rm_train,
+                        "heldout_data": paths.rm_heldout,
+                        "normalize_data": paths.rm_normalize,
                     },
                 )
                 figures["rm"] = _stage(
@@ -286,15 +288,15 @@ def _run(
                     {
                         **shared,
                         **{k: plain[k] for k in ("ppo", "rollout", "reward", "reference")},
-                        "inputs": fingerprint(
-                            paths.ppo_policy,
-                            *([paths.ppo_reward] if config.reward.uses_rm else []),
-                            *([paths.ppo_critic] if config.ppo.uses_critic else []),
-                            paths.ppo_prompts,
-                            paths.ppo_heldout_prompts,
-                            paths.ppo_ptx,
-                            paths.ppo_heldout_demos,
-                        ),
+                    },
+                    {
+                        "policy": paths.ppo_policy,
+                        "reward_model": paths.ppo_reward if config.reward.uses_rm else None,
+                        "critic_model": paths.ppo_critic if config.ppo.uses_critic else None,
+                        "prompts": paths.ppo_prompts,
+                        "heldout_prompts": paths.ppo_heldout_prompts,
+                        "ptx_data": paths.ppo_ptx,
+                        "heldout_demonstrations": paths.ppo_heldout_demos,
                     },
                 )
                 result = _stage(
