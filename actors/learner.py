@@ -449,6 +449,7 @@ class LearnerGroup:
         """`group`: the ranks as parts of a colocated placement's hosts (a `PartGroup` of
         `Learner`) instead of actors of their own."""
         self.name = name
+        self.parameters = 0  # the model's, once built
         self.group = group or ActorGroup(
             Learner,
             ranks,
@@ -490,7 +491,8 @@ class LearnerGroup:
             if self._connecting:
                 self.group.get(self._connecting, "init_distributed", timeout_s=start)
                 self._connecting = []
-            return int(self.group.get(refs, "build", timeout_s=start)[0])
+            self.parameters = int(self.group.get(refs, "build", timeout_s=start)[0])
+            return self.parameters
         except BaseException:
             self.group.shutdown()
             raise

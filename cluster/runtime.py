@@ -223,12 +223,14 @@ class RayRuntime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        # the session goes first: the actors' last lines (a model's save, the engines' exit)
+        # reach the driver up to a second late, and still go to the file
         if self._owned:
             ray.shutdown()
             self._owned = False
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._sigterm is not None:
             signal.signal(signal.SIGTERM, self._sigterm)
             self._sigterm = None

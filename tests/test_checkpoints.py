@@ -1,5 +1,5 @@
-"""Checkpoints on a disk that fills up: the run stops with an error that says so, and the
-checkpoints already written stay whole (trainers.checkpoints)."""
+"""Checkpoints and the trained model's folder on a disk that fills up: the run stops with an error
+that says so, and the checkpoints already written stay whole (trainers.checkpoints)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,17 @@ class Group:
 
     def __init__(self, size: int = 1000) -> None:
         self.size, self.fail = size, False
+        self.parameters = size // 4  # float32 weights
+
+    def save(self, out: Path, config_updates: dict[str, Any] | None = None) -> None:
+        """The trained model's folder, as rank 0 writes it: into `out`.tmp, renamed when whole."""
+        tmp = Path(f"{out}.tmp")
+        tmp.mkdir(parents=True)
+        (tmp / "model.safetensors").write_bytes(b"w" * (self.size // 2))
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        (tmp / "config.json").write_text("{}")
+        tmp.rename(out)
 
     def save_checkpoint(self, folder: Path) -> None:
         folder.mkdir(parents=True)
@@ -118,3 +129,47 @@ def test_a_failed_write_on_a_disk_with_room_is_the_role_s_fault_raised_as_it_cam
     with pytest.raises(Died):
         checkpoints.save(10, {"policy": Dying()}, {"iteration": 10})
     assert checkpoints.latest() is None
+
+
+def test_the_trained_model_on_a_full_disk_stops_the_run_and_names_the_checkpoint_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model saved at a stage's end: refused before a byte is written where its weights
+    cannot fit; where the disk fills while it is written, the partial folder is removed; both
+    name the stage's last whole checkpoint, which --resume continues from."""
+    checkpoints = Checkpoints(tmp_path / "ppo" / "checkpoints", keep=2)
+    policy = Group(size=4000)
+    checkpoints.save(30, {"policy": policy}, {"iteration": 30})
+    out = tmp_path / "ppo" / "policy"
+
+    _disk(monkeypatch, free=1000)  # under 2 bytes a parameter (the 1,000 parameters' 2,000)
+    with pytest.raises(CheckpointSpaceError) as e:
+        checkpoints.save_model(policy, out)
+    assert f"{out}: the trained model needs at least" in str(e.value)
+    assert "iter-000030 is the last whole checkpoint" in str(e.value)
+    assert not out.exists() and not Path(f"{out}.tmp").exists()
+
+    policy.fail = True
+    _disk(monkeypatch, free=10**7)  # room by the count, and 10 MB left once the write failed
+    with pytest.raises(CheckpointSpaceError) as e:
+        checkpoints.save_model(policy, out)
+    assert "the disk filled up while the trained model was written" in str(e.value)
+    assert "--resume" in str(e.value) and isinstance(e.value.__cause__, OSError)
+    assert not out.exists() and not Path(f"{out}.tmp").exists()
+
+    policy.fail = False
+    _disk(monkeypatch, free=10**10)
+    checkpoints.save_model(policy, out)
+    assert (out / "config.json").is_file() and checkpoints.latest() is not None
+
+
+def test_a_model_save_that_fails_on_a_disk_with_room_is_raised_as_it_came(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoints = Checkpoints(tmp_path / "checkpoints", keep=1, prefix="step")
+    group = Group()
+    group.fail = True  # an OSError, but the disk has room: not a full disk
+    _disk(monkeypatch, free=10**10)
+    with pytest.raises(OSError, match="No space left") as e:
+        checkpoints.save_model(group, tmp_path / "model")
+    assert not isinstance(e.value, CheckpointSpaceError)

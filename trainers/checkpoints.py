@@ -7,7 +7,8 @@ one before.
 A checkpoint that does not fit on the disk stops the run with a `CheckpointSpaceError` before a
 byte is written (the space it needs is the last checkpoint's size), or, when the disk fills while
 it is written, with the partial folder removed: the checkpoints already written stay as they
-were, and the run continues from the last one with --resume once there is room."""
+were, and the run continues from the last one with --resume once there is room. The stage's
+trained model, saved at its end, is written and checked the same way (`save_model`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ class CheckpointSpaceError(RuntimeError):
 
 # Less than this free on the checkpoints' disk after a failed write: the disk filled up.
 FULL_DISK_BYTES = 256 * 2**20
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"
 
 
 def folder_bytes(folder: Path) -> int:
@@ -54,8 +59,8 @@ class Checkpoints:
             need, free = folder_bytes(last), shutil.disk_usage(self.root).free
             if need > free:
                 raise CheckpointSpaceError(
-                    f"{self.root}: checkpoint {name} needs about {need / 1e9:.2f} GB (the size of "
-                    f"{last.name}) and the disk has {free / 1e9:.2f} GB free. {self._advice(last)}"
+                    f"{self.root}: checkpoint {name} needs about {_size(need)} (the size of "
+                    f"{last.name}) and the disk has {_size(free)} free. {self._advice(last)}"
                 )
         tmp.mkdir(parents=True)
         try:
@@ -70,7 +75,7 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointSpaceError(
                 f"{tmp}: the disk filled up while checkpoint {name} was written "
-                f"({written / 1e9:.2f} GB written, {free / 2**20:.0f} MB left; the partial "
+                f"({_size(written)} written, {_size(free)} left; the partial "
                 "checkpoint is removed). "
                 f"{self._advice(last)}"
             ) from e
@@ -84,15 +89,47 @@ class Checkpoints:
             shutil.rmtree(old)
         return final
 
-    def _advice(self, last: Path | None) -> str:
-        """What the user does next, after the run stopped for want of space."""
+    def _advice(self, last: Path | None, room: str | None = None) -> str:
+        """What the user does next, after the run stopped for want of space (`room`: what the
+        space is for)."""
         if last is None:
             return "The run stops here, with no checkpoint yet: free some space and run it again"
+        room = room or f"the stage keeps {self.keep} and writes a new one before the oldest goes"
         return (
-            f"The run stops here; {last} is the last whole checkpoint: free some space (the stage "
-            f"keeps {self.keep} and writes a new one before the oldest goes), then continue from "
-            "it with --resume"
+            f"The run stops here; {last} is the last whole checkpoint: free some space ({room}), "
+            "then continue from it with --resume"
         )
+
+    def save_model(
+        self, group: Any, out: Path, config_updates: dict[str, Any] | None = None
+    ) -> None:
+        """The stage's trained model as a Hugging Face folder at `out` (`group.save`: its rank
+        0 writes `out`.tmp and renames it when whole). A disk without room for the weights (2
+        bytes a parameter at least) stops the run before a byte is written, and a disk that
+        fills while they are written stops it with the partial folder removed: a
+        CheckpointSpaceError that names the stage's last whole checkpoint, if any."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        need, free = 2 * int(getattr(group, "parameters", 0)), shutil.disk_usage(out.parent).free
+        room = "room for the model's folder"
+        if need > free:
+            raise CheckpointSpaceError(
+                f"{out}: the trained model needs at least {_size(need)} and the disk has "
+                f"{_size(free)} free. {self._advice(self.latest(), room)}"
+            )
+        try:
+            group.save(out, config_updates)
+        except Exception as e:
+            free = shutil.disk_usage(out.parent).free
+            if free >= FULL_DISK_BYTES:
+                raise  # not the disk
+            tmp = Path(f"{out}.tmp")
+            written = folder_bytes(tmp) if tmp.is_dir() else 0
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointSpaceError(
+                f"{out}: the disk filled up while the trained model was written "
+                f"({_size(written)} written, {_size(free)} left; the partial folder is removed). "
+                f"{self._advice(self.latest(), room)}"
+            ) from e
 
     def load(self, folder: Path, groups: dict[str, Any]) -> dict[str, Any]:
         """Every group back in the checkpoint's state; returns its driver.json."""

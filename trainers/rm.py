@@ -35,7 +35,7 @@ from trainers.data import (
 )
 from trainers.losses import pairwise_accuracy
 from trainers.objectives import rm_eval, rm_objective, rm_score
-from trainers.steps import StepHooks, run_steps
+from trainers.steps import StepHooks, run_steps, stage_checkpoints
 from trainers.tracking import Tracker
 
 
@@ -193,7 +193,7 @@ def train(
 
     def finish(group: LearnerGroup, state: dict[str, Any]) -> dict[str, float]:
         state["offset"] = offset = demonstration_mean(group, inputs, cfg.batch_size)
-        group.save(out, config_updates={"reward_offset": offset})
+        stage_checkpoints(out).save_model(group, out, {"reward_offset": offset})
         return {"memory_gb/learner": group.peak_memory_gb()}
 
     figures, state = run_steps(

@@ -21,7 +21,7 @@ from trainers.data import (
     shuffled_batches,
 )
 from trainers.objectives import sft_eval, sft_objective
-from trainers.steps import StepHooks, run_steps
+from trainers.steps import StepHooks, run_steps, stage_checkpoints
 from trainers.tracking import Tracker
 
 
@@ -117,7 +117,7 @@ def train(
         return {"loss": f"{state['loss']:.3f}", "heldout": f"{state['held']:.3f}"}
 
     def finish(group: LearnerGroup, state: dict[str, Any]) -> dict[str, float]:
-        group.save(out)
+        stage_checkpoints(out).save_model(group, out)
         return {"memory_gb/learner": group.peak_memory_gb()}
 
     figures, state = run_steps(

@@ -41,6 +41,11 @@ class StepHooks:
     postfix: Callable[[dict[str, Any]], dict[str, str]]  # the progress bar's figures
 
 
+def stage_checkpoints(out: Path) -> Checkpoints:
+    """A supervised stage's checkpoints, beside its model folder `out`."""
+    return Checkpoints(out.parent / "checkpoints", keep=1, prefix="step")
+
+
 def run_steps(
     stage: str,
     section: Any,
@@ -58,8 +63,8 @@ def run_steps(
     bringing the group back after a rank's death or hang. Returns `hooks.finish`'s figures with
     the stage's fault figures, and the stage's final state."""
     total, learner_restarts = per_epoch * section.epochs, section.learner_restarts
-    root = out.parent / "checkpoints"
-    checkpoints = Checkpoints(root, keep=1, prefix="step")
+    checkpoints = stage_checkpoints(out)
+    root = checkpoints.root
     latest = checkpoints.refuse_fresh_start(stage, resume, restart)
     every = section.checkpoint_every or per_epoch
     bar = progress(total, stage)

@@ -27,6 +27,12 @@ class Checkpoints:
     def save(self, iteration: int, roles: Roles, driver: dict[str, Any]) -> Path:
         return self.folders.save(iteration, roles.learners(), driver)
 
+    def save_models(self, roles: Roles, out: Path) -> None:
+        """The trained policy (and critic) as model folders in the stage's folder `out`, each
+        written whole or not at all (a full disk: `trainers.checkpoints.Checkpoints.save_model`)."""
+        for name, group in roles.learners().items():
+            self.folders.save_model(group, out / name)
+
     def load(self, folder: Path, roles: Roles) -> dict[str, Any]:
         """Put the groups back in the checkpoint's state and the engines on its weights."""
         driver = self.folders.load(folder, roles.learners())

@@ -124,7 +124,7 @@ def train(
                 "evaluation after training", lambda: evaluate(roles, inputs, config, labeler)
             )
         with clock.part("final_save"):
-            recovery.run("final save", lambda: save_learners(roles, out))
+            recovery.run("final save", lambda: checkpoints.save_models(roles, out))
         memory = recovery.run("memory figures", roles.peak_memory_gb)
         faults = dict(recovery.figures)
     if faults:
@@ -142,12 +142,6 @@ def train(
     figures_out["ppo"].update({f"stage_seconds/{k}": v for k, v in clock.seconds.items()})
     log_summary(figures_out, labeler, out, log)
     return figures_out
-
-
-def save_learners(roles: Roles, out: Path) -> None:
-    """The trained policy (and critic) as model folders in the stage's folder."""
-    for name, group in roles.learners().items():
-        group.save(out / name)
 
 
 def describe_placement(config: RunConfig, roles: Roles, out: Path, log: Any) -> None:
