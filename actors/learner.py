@@ -363,10 +363,11 @@ class Learner(BusyClock):
     def broadcast_weights(self, bucket_bytes: int) -> int:
         """Every rank (ZeRO-3 gathers collectively); rank 0 broadcasts the full weights to the
         engines of its sync group. Returns the bytes sent (0 on the other ranks)."""
-        state = self.state_dict()
-        if state is None:
-            return 0
-        return int(self.weight_group.send(state, bucket_bytes))
+        with self._gathered():
+            if self.rank != 0:
+                return 0
+            state = {k: v.detach() for k, v in self.engine.module.state_dict().items()}
+            return int(self.weight_group.send(state, bucket_bytes))
 
     def save(self, path: str, config_updates: dict[str, Any] | None = None) -> None:
         """Write a Hugging Face folder (safetensors + tokenizer) at `path`. Collective.

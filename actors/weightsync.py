@@ -9,6 +9,7 @@ that does not answer is named in the error, rather than a broadcast that hangs."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -89,7 +90,12 @@ class WeightGroup:
 
     def send(self, state: dict[str, Any], bucket_bytes: int) -> int:
         """Rank 0: broadcast `state` (in `layout(state)` order); returns the bytes sent. Raises
-        WeightSyncTimeout naming the engines that did not join within the deadline."""
+        WeightSyncTimeout naming the engines that did not join within the deadline.
+
+        The tensors are read where they are (the learner's own parameters: no copy of the
+        weights first); a bucket of one tensor is sent from it, a bucket of several is copied
+        into one buffer while the bucket before it is on the wire (two buckets at most in
+        flight)."""
         import torch
 
         self.round += 1
@@ -105,31 +111,47 @@ class WeightGroup:
             ) from None
         entries = layout(state)
         tensors = list(state.values())
-        sent = 0
+        sent, in_flight = 0, []
         for bucket in buckets(entries, bucket_bytes):
-            flat = torch.cat([tensors[i].reshape(-1) for i in bucket]).to(self.device)
-            self.group.broadcast(flat, 0).wait()
+            parts = [tensors[i] for i in bucket]
+            if len(parts) == 1 and parts[0].is_contiguous():
+                flat = parts[0].reshape(-1).to(self.device)
+            else:
+                flat = torch.cat([t.reshape(-1) for t in parts]).to(self.device)
+            in_flight.append((flat, self.group.broadcast(flat, 0)))
+            if len(in_flight) > 2:
+                in_flight.pop(0)[1].wait()
             sent += flat.numel() * flat.element_size()
+        for _, work in in_flight:
+            work.wait()
         return sent
 
-    def receive(self, entries: list[Entry], bucket_bytes: int) -> list[tuple[str, Any]]:
-        """Ranks 1..: announce this member, then receive every bucket; (name, tensor) pairs."""
+    def receive(self, entries: list[Entry], bucket_bytes: int) -> Iterator[tuple[str, Any]]:
+        """Ranks 1..: announce this member, then receive every bucket: (name, tensor) pairs, as
+        they arrive (the caller loads a bucket's tensors while the next one is received)."""
         import torch
 
         self.round += 1
         self.store.set(f"ready/{self.round}/{self.rank}", b"1")
-        out: list[tuple[str, Any]] = []
-        for bucket in buckets(entries, bucket_bytes):
+        plan = buckets(entries, bucket_bytes)
+
+        def post(bucket: list[int]) -> tuple[list[Entry], Any, Any]:
             parts = [entries[i] for i in bucket]
             dtype = getattr(torch, parts[0].dtype)
             flat = torch.empty(sum(_numel(e.shape) for e in parts), dtype=dtype, device=self.device)
-            self.group.broadcast(flat, 0).wait()
+            return parts, flat, self.group.broadcast(flat, 0)
+
+        upcoming = post(plan[0]) if plan else None
+        for k in range(len(plan)):
+            assert upcoming is not None
+            parts, flat, work = upcoming
+            work.wait()
+            upcoming = post(plan[k + 1]) if k + 1 < len(plan) else None
             offset = 0
             for e in parts:
                 n = _numel(e.shape)
-                out.append((e.name, flat[offset : offset + n].view(e.shape)))
+                yield e.name, flat[offset : offset + n].view(e.shape)
                 offset += n
-        return out
 
 
 __all__ = ["Entry", "WeightGroup", "WeightSyncTimeout", "buckets", "layout"]

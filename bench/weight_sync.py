@@ -2,7 +2,10 @@
 rollout engine, for Llama models from about 1M to about 100M parameters, for each sync method
 (through the Ray object store, and broadcast over a torch.distributed group).
 
-    .venv/bin/python -m bench.weight_sync [--repeats 3]
+    .venv/bin/python -m bench.weight_sync [--repeats 3] [--model FOLDER] [--method broadcast]
+
+`--model` measures that model folder (e.g. .cache/models/SmolLM2-135M-Instruct) instead of the
+four sizes.
 
 Prints a table and writes bench/results/weight_sync.json."""
 
@@ -74,13 +77,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed syncs after one warm-up")
     parser.add_argument("--bucket-mb", type=float, default=64.0, help="broadcast bucket size")
+    parser.add_argument("--model", help="a model folder to measure instead of the sizes")
+    parser.add_argument("--method", choices=METHODS, action="append", help="(default: both)")
     args = parser.parse_args()
 
     rows, out = [], []
     with quiet_ray("weight_sync", num_cpus=os.cpu_count()):
-        for label, shape in SIZES:
-            model_dir = str(standard_model(**shape))
-            for method in METHODS:
+        for label, shape in [(args.model, None)] if args.model else SIZES:
+            model_dir = str(args.model) if shape is None else str(standard_model(**shape))
+            for method in args.method or METHODS:
                 params, nbytes, times = measure(model_dir, method, args.repeats, args.bucket_mb)
                 seconds = median(times)
                 rows.append([label, f"{params:,}", method, seconds, nbytes / seconds / 1e9])

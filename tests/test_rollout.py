@@ -112,13 +112,15 @@ def test_packed_batches_score_like_single_sequences(small_task: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "steps", "version"), [("object_store", 3, 1), ("broadcast", 4, 2)]
+    ("method", "steps", "version", "zero_stage"),
+    [("object_store", 3, 1, 2), ("broadcast", 4, 2, 2), ("broadcast", 5, 3, 3)],
 )
 def test_weights_sent_from_the_learner_are_the_engines_weights(
-    engine, small_task, prompts, method: str, steps: int, version: int
+    engine, small_task, prompts, method: str, steps: int, version: int, zero_stage: int
 ) -> None:
     """Either sync method leaves the engine with exactly the learner's weights (each run trains
-    a different number of steps, so the engine's weights before are not the ones sent)."""
+    a different number of steps, so the engine's weights before are not the ones sent); the
+    broadcast sends them from the parameters themselves, gathered whole under ZeRO-3."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainers.losses import token_logprobs
@@ -127,7 +129,9 @@ def test_weights_sent_from_the_learner_are_the_engines_weights(
     demos = encode_demonstrations(
         read(small_task / "sft_train.jsonl", "demonstrations").select(range(8)), tok, Limits(32, 96)
     )
-    spec = EngineSpec(zero_stage=2, backend="gloo", micro_batch=4, collective_timeout_s=120)
+    spec = EngineSpec(
+        zero_stage=zero_stage, backend="gloo", micro_batch=4, collective_timeout_s=120
+    )
     with LearnerGroup(name="policy", ranks=2, engine=spec, cpus_per_rank=0.5) as policy:
         policy.build(ModelSpec(str(small_task / "base_model")), OptimSpec(lr=5e-2, total_steps=3))
         tokens = sum(sum(e["loss_mask"][1:]) for e in demos)

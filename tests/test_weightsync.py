@@ -55,13 +55,16 @@ def test_every_engine_receives_exactly_the_senders_weights() -> None:
         "layer.bias": torch.randn(16),
         "head.weight": torch.randn(16, 64).to(torch.bfloat16),
         "norm.weight": torch.randn(16),
+        "proj.weight": torch.randn(16, 8).t(),  # not contiguous: sent in its logical order
+        "big.weight": torch.randn(40, 16),  # 2,560 bytes: a bucket of its own, sent in place
     }
+    before = {k: v.clone() for k, v in state.items()}
     sender, *receivers = _groups(3, timeout_s=30)
     entries = layout(state)
     got: dict[int, list] = {}
 
     def receive(i: int) -> None:
-        got[i] = receivers[i].receive(entries, bucket_bytes=1024)
+        got[i] = list(receivers[i].receive(entries, bucket_bytes=1024))
 
     threads = [threading.Thread(target=receive, args=(i,)) for i in range(2)]
     for t in threads:
@@ -70,6 +73,8 @@ def test_every_engine_receives_exactly_the_senders_weights() -> None:
     for t in threads:
         t.join(timeout=60)
     assert sent == sum(v.numel() * v.element_size() for v in state.values())
+    assert len(buckets(entries, 1024)) == 5  # more buckets than the two in flight at once
+    assert all(torch.equal(state[k], before[k]) for k in state)  # read, not changed
     for i in range(2):
         received = dict(got[i])
         assert list(received) == list(state)
@@ -84,7 +89,7 @@ def test_an_engine_that_does_not_answer_is_named_when_the_deadline_passes() -> N
 
     def receive() -> None:
         try:
-            ready.receive(layout(state), 1024)
+            list(ready.receive(layout(state), 1024))
         except RuntimeError as e:
             gave_up.append(e)
 
