@@ -307,11 +307,15 @@ class Learner(BusyClock):
         return contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any] | None:
-        """The full weights on rank 0 (CPU tensors), None on the others. Collective."""
+        """The full weights on rank 0 (CPU tensors), None on the others. Collective. Where the
+        rank holds them whole on the CPU they are its parameters themselves, not a copy (538 MB
+        and 0.4 s on SmolLM2): read them before the next step (a save, `ray.put`, a return
+        value all copy them); ZeRO-3's gathered weights are copied before they are released."""
         with self._gathered():
             if self.rank != 0:
                 return None
-            return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+            state = {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+            return {k: v.clone() for k, v in state.items()} if self.zero_stage == 3 else state
 
     def full_weights(self) -> dict[str, Any]:
         """The full weights on every rank, for a part of the same process (the colocated
