@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,22 +65,10 @@ class Checkpoints:
                     f"{last.name}) and the disk has {_size(free)} free. {self._advice(last)}"
                 )
         tmp.mkdir(parents=True)
-        try:
+        with self._whole_or_removed(tmp, tmp, f"checkpoint {name}", "checkpoint", last):
             for role, group in groups.items():
                 group.save_checkpoint(tmp / role)
             (tmp / "driver.json").write_text(json.dumps(driver) + "\n")
-        except Exception as e:
-            free = shutil.disk_usage(tmp).free
-            if free >= FULL_DISK_BYTES:
-                raise  # not the disk: a role's fault, recovered by the caller
-            written = folder_bytes(tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointSpaceError(
-                f"{tmp}: the disk filled up while checkpoint {name} was written "
-                f"({_size(written)} written, {_size(free)} left; the partial "
-                "checkpoint is removed). "
-                f"{self._advice(last)}"
-            ) from e
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         pointer = self.root / "latest.tmp"
@@ -110,25 +100,37 @@ class Checkpoints:
         CheckpointSpaceError that names the stage's last whole checkpoint, if any."""
         out.parent.mkdir(parents=True, exist_ok=True)
         need, free = 2 * int(getattr(group, "parameters", 0)), shutil.disk_usage(out.parent).free
-        room = "room for the model's folder"
+        last, room = self.latest(), "room for the model's folder"
         if need > free:
             raise CheckpointSpaceError(
                 f"{out}: the trained model needs at least {_size(need)} and the disk has "
-                f"{_size(free)} free. {self._advice(self.latest(), room)}"
+                f"{_size(free)} free. {self._advice(last, room)}"
             )
-        try:
+        tmp = Path(f"{out}.tmp")
+        with self._whole_or_removed(tmp, out, "the trained model", "folder", last, room):
             group.save(out, config_updates)
+
+    @contextmanager
+    def _whole_or_removed(
+        self, tmp: Path, where: Path, what: str, partial: str, last: Path | None,
+        room: str | None = None,
+    ) -> Iterator[None]:  # fmt: skip
+        """Writing `what` into `tmp`: a failure that leaves the disk full (under
+        FULL_DISK_BYTES free) removes the partial folder and stops the run with a
+        CheckpointSpaceError; any other failure is raised as it came (a role's fault, which
+        the caller recovers)."""
+        try:
+            yield
         except Exception as e:
-            free = shutil.disk_usage(out.parent).free
+            free = shutil.disk_usage(tmp.parent).free
             if free >= FULL_DISK_BYTES:
-                raise  # not the disk
-            tmp = Path(f"{out}.tmp")
+                raise
             written = folder_bytes(tmp) if tmp.is_dir() else 0
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointSpaceError(
-                f"{out}: the disk filled up while the trained model was written "
-                f"({_size(written)} written, {_size(free)} left; the partial folder is removed). "
-                f"{self._advice(self.latest(), room)}"
+                f"{where}: the disk filled up while {what} was written ({_size(written)} "
+                f"written, {_size(free)} left; the partial {partial} is removed). "
+                f"{self._advice(last, room)}"
             ) from e
 
     def load(self, folder: Path, groups: dict[str, Any]) -> dict[str, Any]:

@@ -78,11 +78,15 @@ def fingerprint(**inputs: str | Path | None) -> dict[str, Any]:
             continue
         path = Path(given)
         if path.is_dir():
-            files = sorted(f for f in path.rglob("*") if f.is_file())
-            out[name] = {f.relative_to(path).as_posix(): _content(f) for f in files}
+            out[name] = {f.relative_to(path).as_posix(): _content(f) for f in _files(path)}
         else:
             out[name] = _content(path)
     return out
+
+
+def _files(path: Path) -> list[Path]:
+    """The file, or every file under the folder, in order."""
+    return sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
 
 
 def _outcome(settings: Any, stage: str | None = None) -> Any:
@@ -108,7 +112,7 @@ def _located(*paths: str | Path) -> dict[str, list[int]]:
     under its path."""
     out: dict[str, list[int]] = {}
     for p in map(Path, paths):
-        for f in sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]:
+        for f in _files(p):
             stat = f.stat()
             out[str(f)] = [stat.st_size, stat.st_mtime_ns]
     return out
