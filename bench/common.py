@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,40 @@ def quiet(name: str) -> Iterator[None]:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     library = LibraryLog(logs(name) / "driver.log")
     print(f"{name}: what the libraries and actors print goes to {logs(name)}/")
+    _driver_logs.append(logs(name) / "driver.log")
     try:
         yield
     finally:
+        _driver_logs.pop()
         library.close()
+
+
+_driver_logs: list[Path] = []
+
+
+@contextlib.contextmanager
+def native_output() -> Iterator[None]:
+    """What this process writes to its stdout and stderr below Python's logging (C++ warnings,
+    vLLM's progress bars of an engine in this process) goes to the driver log of `quiet` for a
+    while; outside `quiet`, nothing changes."""
+    if not _driver_logs:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(_driver_logs[-1], "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def quiet_ray(name: str, address: str | None = None, **kwargs: Any) -> Any:

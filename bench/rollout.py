@@ -20,6 +20,7 @@ from bench.common import (
     ROLLOUTS,
     engine_group,
     median,
+    native_output,
     quiet,
     quiet_ray,
     standard_model,
@@ -98,17 +99,20 @@ def vllm_alone(
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(
-        model=model_dir, dtype="float32", enforce_eager=enforce_eager, max_model_len=128, seed=0
-    )
-    params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, logprobs=0)
-    times = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        times.append(time.perf_counter() - t)
-    del llm
-    gc.collect()
+    with native_output():
+        llm = LLM(
+            model=model_dir, dtype="float32", enforce_eager=enforce_eager, max_model_len=128, seed=0
+        )
+        params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, logprobs=0)
+        times = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            llm.generate(
+                [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+            )
+            times.append(time.perf_counter() - t)
+        del llm
+        gc.collect()
     return times[1:]
 
 
