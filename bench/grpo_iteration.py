@@ -37,6 +37,7 @@ from bench.common import (
 )
 from bench.ppo_iteration import (
     MINIBATCH,
+    add_engine_threads_argument,
     bench_config,
     floor_rows,
     floors,
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument(
         "--peer-iterations", type=int, default=3, help="timed TRL iterations (0: no peer)"
     )
+    add_engine_threads_argument(parser)
     args = parser.parse_args()
     n_prompts = args.prompts
     args.set = [

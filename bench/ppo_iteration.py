@@ -114,6 +114,25 @@ def placement_overrides(placement: str) -> list[str]:
     return ["placement=colocated", f"learner.ranks={os.cpu_count()}", "learner.cpus_per_rank=1"]
 
 
+def add_engine_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sync-engine-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="rollout.torch_threads of the separate placement's synchronous mode, where the "
+        "engine generates alone (default: the machine's cores)",
+    )
+
+
+def engine_threads(args: Any, overlap: bool, placement: str) -> list[str]:
+    """Separate and synchronous, the engine generates alone: `--sync-engine-threads` threads
+    (rollout.torch_threads; default the machine's cores). Overlapped, it generates beside the
+    training, and colocated, it shares its worker's threads: one."""
+    if overlap or placement != "separate":
+        return []
+    return [f"rollout.torch_threads={args.sync_engine_threads}"]
+
+
 def bench_config(
     policy_dir: Path, rm_dir: Path, args: Any, overlap: bool = False, placement: str = "separate"
 ) -> Any:
@@ -135,6 +154,7 @@ def bench_config(
             f"ppo.reward_model={rm_dir}",
             f"output_dir={RESULTS / 'ppo_iteration_run'}",
             *placement_overrides(placement),
+            *engine_threads(args, overlap, placement),
             *args.set,
         ],
     )
@@ -256,6 +276,7 @@ def main() -> None:
     parser.add_argument(
         "--peer-steps", type=int, default=3, help="timed TRL steps per thread count (0: no peer)"
     )
+    add_engine_threads_argument(parser)
     parser.add_argument(
         "--placement",
         choices=("separate", "colocated", "both"),

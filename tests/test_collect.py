@@ -187,6 +187,25 @@ def test_the_rm_reads_collected_comparisons_only_when_collect_runs() -> None:
     assert [c for _, c, _ in _demand(full, "collect")] == [0.5]
 
 
+@pytest.mark.unit
+def test_the_stage_engines_share_the_threads_that_rollout_gives_its_engines() -> None:
+    from trainers.collect_sampling import engine_section
+
+    def threads(*overrides: str) -> tuple[int, int]:
+        section = engine_section(load_config(TINY, list(overrides)))
+        return section.engines, section.torch_threads
+
+    assert threads() == (1, 1)
+    assert threads("rollout.torch_threads=2") == (1, 2)
+    # two engines of one thread where rollout has one of two: never more threads than it gives
+    assert threads("rollout.torch_threads=2", "collect.engines=2") == (2, 1)
+    assert threads("rollout.engines=2", "rollout.torch_threads=2") == (2, 2)
+    assert threads("collect.engines=3") == (3, 1)  # at least one each
+    assert threads("rollout.engines=2", "rollout.torch_threads=3", "collect.engines=3") == (3, 2)
+    smollm2 = engine_section(load_config(ROOT / "configs" / "smollm2.yaml"))
+    assert (smollm2.engines, smollm2.torch_threads) == (2, 1)  # a core each, as before
+
+
 # -- human labelers ------------------------------------------------------------------------------
 
 

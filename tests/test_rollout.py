@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,37 @@ def test_engine_samples_with_logprobs_that_the_reference_agrees_with(engine, sma
 
 def test_an_engine_leaves_no_file_in_the_temporary_folder(engine, files_before_the_engine):
     assert _rendezvous_files() <= files_before_the_engine
+
+
+def test_an_engine_of_two_threads_runs_them_and_samples_what_one_thread_samples(
+    ray_cluster, small_task: Path, prompts: list[list[int]]
+) -> None:
+    """`rollout.torch_threads`: the engine's matrix products run on that many threads (vLLM
+    allows no change once it has started), waiting asleep at the end of a parallel region, with
+    the run's environment; the samples are the same to the last digit."""
+    from trainers.common import engine_group
+    from trainers.config import load_config
+
+    def inside(actor, fn):
+        return ray.get(actor.__ray_call__.remote(lambda self: fn()))
+
+    sampled = {}
+    for threads in (1, 2):
+        config = load_config(
+            Path(__file__).parents[1] / "configs" / "tiny.yaml",
+            [f"rollout.torch_threads={threads}", "rollout.cpus_per_engine=0.5"],
+        )
+        with engine_group(config, str(small_task / "base_model"), 12) as engines:
+            [actor] = engines.actors
+            assert inside(actor, torch.get_num_threads) == threads
+            env = inside(actor, lambda: dict(os.environ))
+            assert env.get("OMP_WAIT_POLICY") == ("PASSIVE" if threads > 1 else None)
+            assert env["GLOO_SOCKET_IFNAME"] == "lo"  # the cluster's own variables stay
+            sampling = Sampling(max_new_tokens=12)
+            [sampled[threads]] = engines.call("generate", prompts, sampling, reseed=7)
+    for one, two in zip(sampled[1], sampled[2], strict=True):
+        assert one["response_ids"] == two["response_ids"]
+        assert one["logprobs"] == pytest.approx(two["logprobs"], abs=1e-5)
 
 
 def test_packed_batches_score_like_single_sequences(small_task: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from trainers.collect_files import _append
 from trainers.collect_inputs import CollectInputs, Prompt
 from trainers.common import engine_group
-from trainers.config import RunConfig
+from trainers.config import RolloutConfig, RunConfig
 from trainers.labelers import rank_chunk
 from trainers.tracking import progress
 
@@ -40,11 +40,19 @@ def _reseed(config: RunConfig, split: str, chunk: int) -> int:
     return SEED_BASE * (config.seed + 1) + (0 if split == "train" else 500_000) + chunk * 7
 
 
+def engine_section(config: RunConfig) -> RolloutConfig:
+    """The rollout section as this stage uses it: `collect.engines` (default `rollout.engines`)
+    engines, sharing the threads that rollout gives its engines (at least one each)."""
+    r = config.rollout
+    n = config.collect.engines or r.engines
+    return r.model_copy(
+        update={"engines": n, "torch_threads": max(1, r.engines * r.torch_threads // n)}
+    )
+
+
 def _engines(config: RunConfig, policy: str, log: Any) -> Any:
-    """`collect.engines` (default `rollout.engines`) vLLM engines on the policy, placed as the
-    PPO stage places them."""
-    n = config.collect.engines or config.rollout.engines
-    config = config.model_copy(update={"rollout": config.rollout.model_copy(update={"engines": n})})
+    """This stage's vLLM engines on the policy, placed as the PPO stage places them."""
+    config = config.model_copy(update={"rollout": engine_section(config)})
     return engine_group(config, policy, config.collect.max_new_tokens, log)
 
 

@@ -4,13 +4,14 @@ folder checks (the stage records are in trainers/stage_record.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from actors.learner import EngineSpec, Learner, LearnerGroup, OptimSpec
-from actors.rollout import EngineConfig, RolloutEngine
+from actors.rollout import EngineConfig, RolloutEngine, engine_env
 from cluster import ActorGroup
 from cluster.colocated import Host, PartGroup
 from cluster.groups import split_evenly
@@ -149,8 +150,10 @@ def engine_group(
         gpu_memory_utilization=r.gpu_memory_utilization,
         trust_remote_code=config.trust_remote_code,
         enforce_eager=r.enforce_eager,
+        torch_threads=r.torch_threads,
     )
-    if hosts is not None:
+    if hosts is not None:  # in the host's process, whose threads the learner's section sets
+        engine = replace(engine, torch_threads=config.learner.torch_threads)
         return PartGroup(hosts, "rollout", RolloutEngine, {"config": engine})
     return ActorGroup(
         RolloutEngine,
@@ -166,6 +169,7 @@ def engine_group(
         log=log,
         call_timeout_s=config.learner.collective_timeout_s,
         actor_kwargs={"config": engine},
+        env_vars=engine_env(engine),
     )
 
 

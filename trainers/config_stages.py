@@ -129,8 +129,9 @@ class CollectConfig(Section):
     stopped stage resumes after the last one"""
     engines: int | None = Field(default=None, ge=1)
     """vLLM engines of this stage, placed as rollout places them; null: rollout.engines. The
-    stage runs alone, so on a small machine an engine a core keeps every core busy (an engine
-    runs one thread); a chunk's samples do not depend on the engine that draws them"""
+    stage runs alone, so on a small machine an engine a core keeps every core busy; the
+    threads that rollout gives its engines (engines × torch_threads) are shared among this
+    stage's (at least one each). A chunk's samples do not depend on the engine that draws them"""
     ranked_file: str | None = None
     """labeler human: the JSONL of rankings, one line {"id": ..., "ranking": [response ids,
     best first]} per line of to_rank.jsonl"""
