@@ -151,16 +151,18 @@ def engine_group(
     model_dir: str, n: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0, **config: Any
 ) -> Any:
     """`n` rollout engines (our RolloutEngine actors) on `model_dir`; use as a context manager."""
-    from actors.rollout import EngineConfig, RolloutEngine
+    from actors.rollout import EngineConfig, RolloutEngine, engine_env
     from cluster import ActorGroup
 
+    engine = EngineConfig(model=model_dir, max_model_len=128, **config)
     return ActorGroup(
         RolloutEngine,
         n,
         name="rollout",
         num_cpus=num_cpus,
         num_gpus=num_gpus,
-        actor_kwargs={"config": EngineConfig(model=model_dir, max_model_len=128, **config)},
+        actor_kwargs={"config": engine},
+        env_vars=engine_env(engine),
     )
 
 

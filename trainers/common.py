@@ -4,7 +4,6 @@ folder checks (the stage records are in trainers/stage_record.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -150,10 +149,10 @@ def engine_group(
         gpu_memory_utilization=r.gpu_memory_utilization,
         trust_remote_code=config.trust_remote_code,
         enforce_eager=r.enforce_eager,
-        torch_threads=r.torch_threads,
+        # colocated, in the host's process, whose threads the learner's section sets
+        torch_threads=r.torch_threads if hosts is None else config.learner.torch_threads,
     )
-    if hosts is not None:  # in the host's process, whose threads the learner's section sets
-        engine = replace(engine, torch_threads=config.learner.torch_threads)
+    if hosts is not None:
         return PartGroup(hosts, "rollout", RolloutEngine, {"config": engine})
     return ActorGroup(
         RolloutEngine,
