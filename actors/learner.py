@@ -50,6 +50,7 @@ class OptimSpec:
     min_lr_ratio: float = 1.0
     total_steps: int = 1
     grad_clip: float = 0.0
+    fused: bool = True
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ class Learner(BusyClock):
             ],
             lr=optim.lr,
             betas=optim.betas,
+            **({"fused": True} if optim.fused else {}),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(optim))
         config = {

@@ -79,7 +79,7 @@ def train_alone(
     from trainers.objectives import policy_batch, ppo_objective
 
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as the learners
     rng = random.Random(SEED)
     samples = [
         {

@@ -179,9 +179,9 @@ def test_frozen_layers_stay_as_loaded_and_the_blocks_above_train(
 
 
 # The two ranks of a ZeRO-2 learner built in fresh processes (that have not imported DeepSpeed's
-# optimizers yet): the ZeRO optimizer check passes for AdamW without importing DeepSpeed's Muon
-# optimizer, whose module calls torch.compile at import (a CPU-second of every start; ZeRO-3
-# imports it for a check of its own).
+# optimizers yet): AdamW with its fused kernel; the ZeRO optimizer check passes for it without
+# importing DeepSpeed's Muon optimizer, whose module calls torch.compile at import (a CPU-second
+# of every start; ZeRO-3 imports it for a check of its own).
 _BUILD_RANK = """
 import sys
 from actors.learner import EngineSpec, Learner, ModelSpec, OptimSpec
@@ -189,6 +189,7 @@ learner = Learner(int(sys.argv[3]), 2)
 learner.init_distributed(("127.0.0.1", int(sys.argv[2])), EngineSpec(zero_stage=2))
 print(learner.build(ModelSpec(sys.argv[1]), OptimSpec(lr=1e-4)))
 print(type(learner.engine.optimizer).__name__)
+print(learner.engine.optimizer.optimizer.defaults["fused"])
 print("deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules)
 """
 
@@ -213,6 +214,7 @@ def test_zero2_ranks_start_without_importing_deepspeeds_muon(small_task: Path) -
     for rank in ranks:
         out, err = rank.communicate(timeout=300)
         assert rank.returncode == 0, err[-3000:]
-        parameters, optimizer, muon = out.split()[-3:]
+        parameters, optimizer, fused, muon = out.split()[-4:]
         assert int(parameters) > 0 and optimizer == "DeepSpeedZeroOptimizer"
+        assert fused == "True"  # AdamW's fused kernel under ZeRO's partitions (OptimSpec.fused)
         assert muon == "False"

@@ -186,6 +186,7 @@ def optim_spec(optim: OptimConfig, total_steps: int) -> OptimSpec:
         min_lr_ratio=optim.min_lr_ratio,
         total_steps=total_steps,
         grad_clip=optim.grad_clip,
+        fused=optim.fused,
     )
 
 

@@ -196,7 +196,9 @@ def ppo_objective(
     carries the reference's log-probs (the KL as a loss term). When it carries the engine's
     log-probs besides the old ones (ppo.old_logprobs=learner), each token is weighted by their
     capped ratio. Loss and metrics are this rank's shares."""
-    scoring = response_logits(model, batch).float() / temperature  # (B, A, V)
+    scoring = response_logits(model, batch).float()  # (B, A, V)
+    if temperature != 1.0:
+        scoring = scoring / temperature
     logp = response_logprobs(scoring, batch)  # (B, A)
     mask, n = batch["response_mask"], batch["tokens"]
     weights = None
@@ -217,9 +219,14 @@ def ppo_objective(
         sequences=batch["sequences"],
         constant=max_new_tokens,
     )
-    entropy = masked_sum(entropy_from_logits(scoring), mask) / n
     share = float(mask.sum()) / n
-    total = loss - entropy_coef * entropy
+    total = loss
+    if entropy_coef > 0:
+        entropy = masked_sum(entropy_from_logits(scoring), mask) / n
+        total = total - entropy_coef * entropy
+    else:  # reported only: its backward over the vocabulary would add zeros to the gradients
+        with torch.no_grad():
+            entropy = masked_sum(entropy_from_logits(scoring.detach()), mask) / n
     metrics = {
         "policy_loss": float(loss.detach()),
         "entropy": float(entropy.detach()),
