@@ -7,7 +7,9 @@ for every row. Position ids count real tokens only, so padding never shifts a po
 Where every prompt of a batch starts with the same tokens (a chat template's system prompt and
 the task's own wording: 30 of SmolLM2's 40-token prompts in the built-in task), those tokens are
 taken out of the rows and computed once, their keys and values given to every row
-(`_packed_inputs`): the same outputs, to float rounding, for fewer tokens' work.
+(`_packed_inputs`): the same outputs, to float rounding, for fewer tokens' work. Where rows
+repeat a prompt (a group's n samples of it: GRPO, RLOO), each prompt is computed once for its
+rows instead, when that saves more (`prompt_groups`).
 """
 
 from __future__ import annotations
@@ -28,16 +30,24 @@ def pack(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """samples: [{prompt_ids, response_ids, ...}] -> tensors:
 
     input_ids, attention_mask, position_ids: (B, P + A); response_mask: (B, A);
-    prompt_width: P (an int); and where the prompts share their first tokens (see
-    `shared_prompt_length`), prefix_ids: (1, L), those tokens, which the rows then leave out
-    (their position ids start at L).
+    prompt_width: P (an int); and where the rows' prompts start with tokens computed once for
+    them, prefix_ids: those tokens, which the rows then leave out (their position ids continue
+    the prefix's): (1, L), the first tokens every prompt shares (see `shared_prompt_length`);
+    or, where rows repeat prompts (see `prompt_groups`), (G, L) each distinct prompt but its
+    last token, right-padded, with prefix_mask (G, L) and prefix_owner (B,), a row's prefix.
     """
-    shared = shared_prompt_length(samples)
-    p = max(len(s["prompt_ids"]) for s in samples) - shared
+    groups = prompt_groups(samples)
+    if groups is not None:
+        prefixes, owner = groups
+        own = [len(prefixes[o]) for o in owner]
+    else:
+        shared = shared_prompt_length(samples)
+        own = [shared] * len(samples)
+    p = max(len(s["prompt_ids"]) - k for s, k in zip(samples, own, strict=True))
     a = max(max(len(s["response_ids"]) for s in samples), 1)
     ids, attn, resp = [], [], []
-    for s in samples:
-        prompt, response = list(s["prompt_ids"])[shared:], list(s["response_ids"])
+    for s, k in zip(samples, own, strict=True):
+        prompt, response = list(s["prompt_ids"])[k:], list(s["response_ids"])
         left, right = p - len(prompt), a - len(response)
         ids.append([pad_id] * left + prompt + response + [pad_id] * right)
         attn.append([0] * left + [1] * (len(prompt) + len(response)) + [0] * right)
@@ -46,12 +56,20 @@ def pack(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     batch = {
         "input_ids": torch.tensor(ids, dtype=torch.long),
         "attention_mask": attention_mask,
-        "position_ids": (attention_mask.cumsum(dim=1) - 1).clamp(min=0) + shared,
+        "position_ids": (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        + torch.tensor(own, dtype=torch.long)[:, None],
         "response_mask": torch.tensor(resp, dtype=torch.float32),
         "prompt_width": p,
     }
-    if shared:
-        batch["prefix_ids"] = torch.tensor([list(samples[0]["prompt_ids"])[:shared]])
+    if groups is not None:
+        width = max(len(x) for x in prefixes)
+        batch["prefix_ids"] = torch.tensor([x + [pad_id] * (width - len(x)) for x in prefixes])
+        batch["prefix_mask"] = torch.tensor(
+            [[1] * len(x) + [0] * (width - len(x)) for x in prefixes]
+        )
+        batch["prefix_owner"] = torch.tensor(owner, dtype=torch.long)
+    elif own[0]:
+        batch["prefix_ids"] = torch.tensor([list(samples[0]["prompt_ids"])[: own[0]]])
     return batch
 
 
@@ -75,6 +93,25 @@ def shared_prompt_length(samples: list[dict[str, Any]]) -> int:
     return n if n >= MIN_SHARED_TOKENS else 0
 
 
+def prompt_groups(samples: list[dict[str, Any]]) -> tuple[list[list[int]], list[int]] | None:
+    """Where rows repeat prompts (a group's n samples of one prompt), each distinct prompt but
+    its last token (which a row keeps: its output chooses the response's first token) as a
+    prefix computed once, and each row's prefix: (prefixes, owner). Only where every prefix is
+    at least `MIN_SHARED_TOKENS` long and this saves more tokens' work than the batch-wide
+    shared prefix (`shared_prompt_length`), which it then replaces; None otherwise."""
+    index: dict[tuple[int, ...], int] = {}
+    owner = [index.setdefault(tuple(s["prompt_ids"][:-1]), len(index)) for s in samples]
+    if len(index) == len(samples):
+        return None
+    prefixes = [list(key) for key in index]
+    if min(len(x) for x in prefixes) < MIN_SHARED_TOKENS:
+        return None
+    saved = sum(len(prefixes[o]) for o in owner) - sum(len(x) for x in prefixes)
+    if saved <= (len(samples) - 1) * shared_prompt_length(samples):
+        return None
+    return prefixes, owner
+
+
 def _packed_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     """A packed batch's inputs for `model` (a causal LM, or a transformer without its head).
     With a shared prefix: the model's transformer computes the prefix once and every row attends
@@ -87,18 +124,28 @@ def _packed_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         return inputs
     rows, n = inputs["input_ids"].shape[0], prefix.shape[1]
     mask = inputs["attention_mask"]
-    ones = torch.ones(rows, n, dtype=mask.dtype, device=mask.device)
-    positions = torch.arange(n, device=prefix.device)[None, :]
+    positions = torch.arange(n, device=prefix.device)[None, :].expand(prefix.shape[0], n)
+    owner = batch.get("prefix_owner")
+    if owner is None:  # one prefix for every row
+        owner = torch.zeros(rows, dtype=torch.long, device=prefix.device)
+        prefix_pass: dict[str, Any] = {}
+        rows_prefix_mask = torch.ones(rows, n, dtype=mask.dtype, device=mask.device)
+    else:  # each row's prompt, right-padded: padding masked, so no query row is fully masked
+        prefix_pass = {"attention_mask": batch["prefix_mask"]}
+        rows_prefix_mask = batch["prefix_mask"][owner].to(mask.dtype)
+    attention_mask = torch.cat([rows_prefix_mask, mask], dim=1)
     body = _transformer(model)
     if not (_takes(model, "past_key_values") and _takes(body, "past_key_values")):
         return {
-            "input_ids": torch.cat([prefix.expand(rows, n), inputs["input_ids"]], dim=1),
-            "attention_mask": torch.cat([ones, mask], dim=1),
-            "position_ids": torch.cat([positions.expand(rows, n), inputs["position_ids"]], dim=1),
+            "input_ids": torch.cat([prefix[owner], inputs["input_ids"]], dim=1),
+            "attention_mask": attention_mask,
+            "position_ids": torch.cat([positions[owner], inputs["position_ids"]], dim=1),
         }
-    cache = body(input_ids=prefix, position_ids=positions, use_cache=True).past_key_values
-    cache.batch_select_indices(torch.zeros(rows, dtype=torch.long, device=prefix.device))
-    return {**inputs, "attention_mask": torch.cat([ones, mask], dim=1), "past_key_values": cache}
+    cache = body(
+        input_ids=prefix, position_ids=positions, use_cache=True, **prefix_pass
+    ).past_key_values
+    cache.batch_select_indices(owner)
+    return {**inputs, "attention_mask": attention_mask, "past_key_values": cache}
 
 
 def _transformer(model: Any) -> Any:

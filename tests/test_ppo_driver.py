@@ -296,6 +296,36 @@ def test_the_train_plan_leaves_out_dropped_samples_and_keeps_every_rank_busy() -
     assert all(len(s["samples"]) >= 2 for s in plan)
 
 
+def test_group_minibatches_hold_whole_groups_in_a_shuffled_order() -> None:
+    from trainers.config import RunConfig
+    from trainers.rl.iteration import train_plan
+
+    ppo = {"rollout_batch": 6, "n_samples_per_prompt": 4, "minibatch_size": 8, "epochs": 2}
+    config = RunConfig.model_validate(
+        {"name": "t", "output_dir": "/tmp/t", "ppo": {**ppo, "group_minibatches": True}}
+    )
+    plans = [train_plan(config, it=it, ptx_size=0) for it in range(3)]
+    for plan in plans:
+        assert len(plan) == 6  # 2 epochs of 3 minibatches of 2 groups
+        for epoch in (plan[:3], plan[3:]):
+            assert sorted(i for s in epoch for i in s["samples"]) == list(range(24))
+        for step in plan:  # each minibatch: two groups of a prompt's 4 consecutive samples
+            groups = sorted({i // 4 for i in step["samples"]})
+            assert len(groups) == 2
+            assert sorted(step["samples"]) == [g * 4 + k for g in groups for k in range(4)]
+    firsts = {tuple(p[0]["samples"]) for p in plans}
+    assert len(firsts) > 1  # the groups' order is shuffled, iteration by iteration
+
+    with pytest.raises(ValueError, match=r"ppo.minibatch_size \(6\) must be a multiple of ppo"):
+        RunConfig.model_validate(
+            {
+                "name": "t",
+                "output_dir": "/tmp/t",
+                "ppo": {**ppo, "minibatch_size": 6, "group_minibatches": True},
+            }
+        )
+
+
 def test_the_driver_state_goes_back_to_the_start_keeping_the_starting_evaluation() -> None:
     """A learner group that loses a rank before the first checkpoint restarts the run from its
     start: the driver's state goes back to its first one, but the starting policy's evaluation,

@@ -1,6 +1,7 @@
 """A batch whose prompts start with the same tokens (a chat template's system prompt) computes
-them once (`actors.batching.pack`): the policy's log-probs, the critic's values, the reward and
-their gradients are the full pass's over every row."""
+them once (`actors.batching.pack`), and so does a batch whose rows repeat prompts (a group's n
+samples of each, GRPO's): the policy's log-probs, the critic's values, the reward and their
+gradients are the full pass's over every row."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from actors.batching import (
     MIN_SHARED_TOKENS,
     pack,
     packed_scores,
+    prompt_groups,
     response_logits,
     response_logprobs,
     shared_prompt_length,
@@ -36,12 +38,21 @@ SAMPLES = [  # prompts of 23, 21 and 25 tokens, responses of 3, 5 and 1
     {"prompt_ids": [*SYSTEM, 43], "response_ids": [12, 13, 14, 15, 2]},
     {"prompt_ids": [*SYSTEM, 44, 45, 46, 47, 48], "response_ids": [9]},
 ]
+A, B = [*SYSTEM, *range(40, 50)], [*SYSTEM, *range(50, 58)]  # prompts of 30 and 28 tokens
+GROUPS = [  # 3 samples of A, 2 of B, in the order a batch may hold them
+    {"prompt_ids": A, "response_ids": [7, 8, 2]},
+    {"prompt_ids": B, "response_ids": [12, 13, 14, 15, 2]},
+    {"prompt_ids": A, "response_ids": [9]},
+    {"prompt_ids": A, "response_ids": [20, 21, 22, 23]},
+    {"prompt_ids": B, "response_ids": [5, 2]},
+]
+LAYOUTS = pytest.mark.parametrize("samples", [SAMPLES, GROUPS], ids=["system-prompt", "groups"])
 
 
-def _alone_logprobs(model: torch.nn.Module, temperature: float) -> torch.Tensor:
+def _alone_logprobs(model: torch.nn.Module, temperature: float, samples: list) -> torch.Tensor:
     """(B, A) each row's response log-probs from a pass over that row alone, unpadded."""
     rows = []
-    for s in SAMPLES:
+    for s in samples:
         p, r = len(s["prompt_ids"]), s["response_ids"]
         logits = model(input_ids=torch.tensor([s["prompt_ids"] + r])).logits[0] / temperature
         logp = torch.log_softmax(logits[p - 1 : p - 1 + len(r)], -1)
@@ -49,10 +60,10 @@ def _alone_logprobs(model: torch.nn.Module, temperature: float) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
 
-def _alone_values(model: torch.nn.Module) -> torch.Tensor:
+def _alone_values(model: torch.nn.Module, samples: list) -> torch.Tensor:
     """(B, A) each row's values (the state before each response token) from a pass alone."""
     rows = []
-    for s in SAMPLES:
+    for s in samples:
         p, n = len(s["prompt_ids"]), len(s["response_ids"])
         hidden = model.model(input_ids=torch.tensor([s["prompt_ids"] + s["response_ids"]]))
         rows.append(model.score(hidden.last_hidden_state)[0, p - 1 : p - 1 + n, 0])
@@ -84,13 +95,31 @@ def test_the_shared_prefix_is_taken_out_only_where_it_is_long_enough() -> None:
     assert shared_prompt_length(SAMPLES[:1]) == 0
 
 
-def test_the_policy_log_probs_and_gradients_are_the_full_pass() -> None:
+def test_a_groups_prompt_is_taken_out_once_where_that_saves_more_than_the_system_prompt() -> None:
+    batch = pack(GROUPS, PAD)
+    assert batch["prefix_ids"].tolist() == [A[:-1], [*B[:-1], PAD, PAD]]
+    assert batch["prefix_mask"].sum(dim=1).tolist() == [29, 27]
+    assert batch["prefix_owner"].tolist() == [0, 1, 0, 0, 1]
+    assert batch["prompt_width"] == 1  # each row keeps its prompt's last token
+    assert batch["input_ids"][:, 0].tolist() == [A[-1], B[-1], A[-1], A[-1], B[-1]]
+    assert batch["position_ids"][:, 0].tolist() == [29, 27, 29, 29, 27]
+    assert batch["response_mask"].sum(dim=1).tolist() == [3, 5, 1, 4, 2]
+    # no prompt repeated, prompts too short, or the batch-wide system prompt saves as much: no
+    assert prompt_groups(SAMPLES) is None
+    short = [{**s, "prompt_ids": s["prompt_ids"][-MIN_SHARED_TOKENS:]} for s in GROUPS]
+    assert prompt_groups(short) is None and "prefix_ids" not in pack(short, PAD)
+    once = [GROUPS[0], GROUPS[1], GROUPS[2]]  # saves 29 tokens; the system prompt, 2 × 20
+    assert prompt_groups(once) is None and pack(once, PAD)["prefix_ids"].shape == (1, 20)
+
+
+@LAYOUTS
+def test_the_policy_log_probs_and_gradients_are_the_full_pass(samples: list) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(_config())
-    shared = pack(SAMPLES, PAD)
+    shared = pack(samples, PAD)
     mask = shared["response_mask"]
     got = response_logprobs(response_logits(model, shared), shared, 0.7) * mask
-    want = _alone_logprobs(model, 0.7)
+    want = _alone_logprobs(model, 0.7, samples)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     _close_grads(_grads(got, model), _grads(want, model))
 
@@ -105,17 +134,19 @@ def test_the_policy_log_probs_and_gradients_are_the_full_pass() -> None:
     torch.testing.assert_close(fallback, want.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_the_critic_values_the_reward_and_their_gradients_are_the_full_pass() -> None:
+@LAYOUTS
+def test_the_critic_values_the_reward_and_their_gradients_are_the_full_pass(samples: list) -> None:
     torch.manual_seed(1)
     model = LlamaForSequenceClassification(_config())
-    shared = pack(SAMPLES, PAD)
-    values, want = critic_values(model, shared) * shared["response_mask"], _alone_values(model)
+    shared = pack(samples, PAD)
+    values = critic_values(model, shared) * shared["response_mask"]
+    want = _alone_values(model, samples)
     torch.testing.assert_close(values, want, rtol=1e-5, atol=1e-5)
     _close_grads(_grads(values, model), _grads(want, model))
     scores = packed_scores(model, shared)
     alone = torch.stack(  # each row by itself, unpadded, read at its last token
         [model(input_ids=torch.tensor([s["prompt_ids"] + s["response_ids"]])).logits[0, 0]
-         for s in SAMPLES]
+         for s in samples]
     )  # fmt: skip
     torch.testing.assert_close(scores, alone, rtol=1e-5, atol=1e-5)
     _close_grads(_grads(scores, model), _grads(alone, model))

@@ -171,6 +171,12 @@ class RunConfig(Section):
                 f"{ppo.n_samples_per_prompt}) must be a multiple of ppo.minibatch_size "
                 f"({ppo.minibatch_size})"
             )
+        if ppo.group_minibatches and ppo.minibatch_size % ppo.n_samples_per_prompt:
+            raise ValueError(
+                f"ppo.group_minibatches: ppo.minibatch_size ({ppo.minibatch_size}) must be a "
+                f"multiple of ppo.n_samples_per_prompt ({ppo.n_samples_per_prompt}) to hold "
+                "whole groups"
+            )
         if ppo.advantage in ("grpo", "rloo") and ppo.n_samples_per_prompt < 2:
             raise ValueError(
                 f"ppo.advantage {ppo.advantage} compares the responses to a prompt: it needs "

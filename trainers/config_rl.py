@@ -178,6 +178,11 @@ class PPOConfig(Section):
     """PPO epochs over each iteration's experience"""
     minibatch_size: int = Field(default=16, ge=1)
     """samples (responses) per optimizer step, over all ranks"""
+    group_minibatches: bool = False
+    """minibatches of whole groups: a prompt's n_samples_per_prompt responses train in the same
+    minibatch (the groups shuffled, not the responses); where prompts are at least 16 tokens
+    long each is then computed once for its responses in the training passes too, as in the
+    scoring ones (on SmolLM2, 4 × 4 responses of 32 + 32 tokens: see the README's GRPO figures)"""
     clip: float = Field(default=0.2, gt=0)
     """PPO's ratio clip ε"""
     clip_high: float | None = Field(default=None, gt=0)

@@ -117,14 +117,18 @@ def train_plan(
     config: RunConfig, it: int, ptx_size: int, dropped: set[int] | None = None
 ) -> list[dict[str, list[int]]]:
     """The iteration's optimizer steps: for each epoch, a shuffled order of the batch's samples
-    (less the `dropped`) cut into minibatches, each with its PPO-ptx demonstrations (fixed by
-    the seed)."""
+    (of its groups, with `ppo.group_minibatches`; a group's samples are consecutive) less the
+    `dropped`, cut into minibatches, each with its PPO-ptx demonstrations (fixed by the seed)."""
     cfg = config.ppo
     rng = random.Random(config.seed * 1_000_003 + it)
-    n = cfg.samples
+    n, size = cfg.samples, cfg.n_samples_per_prompt
     plan = []
     for _ in range(cfg.epochs):
-        order = rng.sample(range(n), n)
+        if cfg.group_minibatches:
+            groups = rng.sample(range(n // size), n // size)
+            order = [g * size + i for g in groups for i in range(size)]
+        else:
+            order = rng.sample(range(n), n)
         if dropped:
             order = [i for i in order if i not in dropped]
         for start in range(0, len(order), cfg.minibatch_size):
