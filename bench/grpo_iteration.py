@@ -8,13 +8,15 @@ process).
     .venv/bin/python -m bench.grpo_iteration --model .cache/models/SmolLM2-135M-Instruct \
         --prompts 4 --new-tokens 32         # the real model's workload (make smollm2)
 
-The roles are the real actors of a run (bench/ppo_iteration.yaml with ppo.advantage grpo): one
-vLLM engine sampling the 4 responses of a prompt together, the RM, the reference and a one-rank
-DeepSpeed policy; no critic; then colocated (a worker per core hosting a policy rank, an
-engine, the RM and the reference); and the peer, Hugging Face TRL's GRPOTrainer (1.16) on the
-same workload in its own environment (`make peers`), with 1 and with 2 torch threads (its
-faster count is the one compared; its iteration: one generation batch and the minibatch steps
-over it). Prints tables and writes bench/results/grpo_iteration.json
+The roles are the real actors of a run (bench/ppo_iteration.yaml with ppo.advantage grpo and
+ppo.group_minibatches: a minibatch holds whole groups, so a prompt is computed once for its 4
+responses in training as in scoring; `--set ppo.group_minibatches=false` times the responses
+shuffled one by one): one vLLM engine sampling the 4 responses of a prompt together, the RM, the
+reference and a one-rank DeepSpeed policy; no critic; then colocated (a worker per core hosting
+a policy rank, an engine, the RM and the reference); and the peer, Hugging Face TRL's
+GRPOTrainer (1.16) on the same workload in its own environment (`make peers`), with 1 and with 2
+torch threads (its faster count is the one compared; its iteration: one generation batch and the
+minibatch steps over it). Prints tables and writes bench/results/grpo_iteration.json
 ({"seconds", "floor_sum_seconds", ...}: seconds per iteration, median)."""
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def main() -> None:
         f"ppo.n_samples_per_prompt={GROUP}",
         f"ppo.max_new_tokens={args.new_tokens}",
         f"rollout.chunk_size={n_prompts}",
+        "ppo.group_minibatches=true",
         *args.set,
     ]
     import torch
@@ -110,7 +113,8 @@ def main() -> None:
     rows[-len(phases) - 1][2] = f"{colocated['seconds'] / floor_sum:.2f}× sum of floors"
     print(table(f"GRPO iteration of {Path(policy_dir).name}: {n_prompts} prompts × {GROUP} "
                 f"samples, {len(prompts[0])} → {args.new_tokens} new tokens, 1 epoch, minibatch "
-                f"{MINIBATCH}; median of {args.iterations} after {args.warmup} warm-up",
+                f"{MINIBATCH} ({groups_setting(args.set)}); median of {args.iterations} after "
+                f"{args.warmup} warm-up",
                 ["", "seconds", "vs floor"], rows))  # fmt: skip
     if trl is not None:
         ours = {"separate": r, "colocated": colocated}
@@ -128,6 +132,13 @@ def main() -> None:
         },
     )
     print(f"\nwritten: {path}")
+
+
+def groups_setting(overrides: list[str]) -> str:
+    """How the minibatches are cut, as the last `--set` of ppo.group_minibatches says."""
+    values = [o.split("=", 1)[1] for o in overrides if o.startswith("ppo.group_minibatches=")]
+    whole = values[-1].lower() in ("true", "1", "yes")
+    return "whole groups" if whole else "responses shuffled one by one"
 
 
 if __name__ == "__main__":
