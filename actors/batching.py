@@ -36,12 +36,12 @@ def pack(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     or, where rows repeat prompts (see `prompt_groups`), (G, L) each distinct prompt but its
     last token, right-padded, with prefix_mask (G, L) and prefix_owner (B,), a row's prefix.
     """
-    groups = prompt_groups(samples)
+    shared = shared_prompt_length(samples)
+    groups = prompt_groups(samples, shared)
     if groups is not None:
         prefixes, owner = groups
         own = [len(prefixes[o]) for o in owner]
     else:
-        shared = shared_prompt_length(samples)
         own = [shared] * len(samples)
     p = max(len(s["prompt_ids"]) - k for s, k in zip(samples, own, strict=True))
     a = max(max(len(s["response_ids"]) for s in samples), 1)
@@ -93,12 +93,15 @@ def shared_prompt_length(samples: list[dict[str, Any]]) -> int:
     return n if n >= MIN_SHARED_TOKENS else 0
 
 
-def prompt_groups(samples: list[dict[str, Any]]) -> tuple[list[list[int]], list[int]] | None:
+def prompt_groups(
+    samples: list[dict[str, Any]], shared: int
+) -> tuple[list[list[int]], list[int]] | None:
     """Where rows repeat prompts (a group's n samples of one prompt), each distinct prompt but
     its last token (which a row keeps: its output chooses the response's first token) as a
     prefix computed once, and each row's prefix: (prefixes, owner). Only where every prefix is
     at least `MIN_SHARED_TOKENS` long and this saves more tokens' work than the batch-wide
-    shared prefix (`shared_prompt_length`), which it then replaces; None otherwise."""
+    shared prefix of `shared` tokens (`shared_prompt_length`), which it then replaces; None
+    otherwise."""
     index: dict[tuple[int, ...], int] = {}
     owner = [index.setdefault(tuple(s["prompt_ids"][:-1]), len(index)) for s in samples]
     if len(index) == len(samples):
@@ -107,7 +110,7 @@ def prompt_groups(samples: list[dict[str, Any]]) -> tuple[list[list[int]], list[
     if min(len(x) for x in prefixes) < MIN_SHARED_TOKENS:
         return None
     saved = sum(len(prefixes[o]) for o in owner) - sum(len(x) for x in prefixes)
-    if saved <= (len(samples) - 1) * shared_prompt_length(samples):
+    if saved <= (len(samples) - 1) * shared:
         return None
     return prefixes, owner
 

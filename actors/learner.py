@@ -190,6 +190,7 @@ class Learner(BusyClock):
             ],
             lr=optim.lr,
             betas=optim.betas,
+            # not fused: no kernel named, so torch keeps its own default (foreach on a GPU)
             **({"fused": True} if optim.fused else {}),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(optim))

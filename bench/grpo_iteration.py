@@ -86,7 +86,8 @@ def main() -> None:
     rm_dir = reward_model(policy_dir)
     prompts = standard_prompts(n_prompts, AutoConfig.from_pretrained(policy_dir).vocab_size)
     responses = [p for p in prompts for _ in range(GROUP)]  # the floors' 32 sequences
-    eager = bench_config(policy_dir, rm_dir, args).rollout.enforce_eager
+    config = bench_config(policy_dir, rm_dir, args)
+    eager = config.rollout.enforce_eager
     gen_floor, train_floor = floors(policy_dir, responses, args, eager)
     trl = None
     if args.peer_iterations:
@@ -105,6 +106,7 @@ def main() -> None:
         r = run_mode(False, policy_dir, rm_dir, prompts, args)
         colocated = run_mode(False, policy_dir, rm_dir, prompts, args, "colocated")
     floor_sum = gen_floor + train_floor
+    cut = "whole groups" if config.ppo.group_minibatches else "responses shuffled one by one"
     phases = ("generate", "reward", "reference", "train", "weight_sync")
     rows = floor_rows(gen_floor, train_floor, eager, columns=3)
     rows += phase_rows(r, "separate: iteration", phases, 3)
@@ -113,7 +115,7 @@ def main() -> None:
     rows[-len(phases) - 1][2] = f"{colocated['seconds'] / floor_sum:.2f}× sum of floors"
     print(table(f"GRPO iteration of {Path(policy_dir).name}: {n_prompts} prompts × {GROUP} "
                 f"samples, {len(prompts[0])} → {args.new_tokens} new tokens, 1 epoch, minibatch "
-                f"{MINIBATCH} ({groups_setting(args.set)}); median of {args.iterations} after "
+                f"{MINIBATCH} ({cut}); median of {args.iterations} after "
                 f"{args.warmup} warm-up",
                 ["", "seconds", "vs floor"], rows))  # fmt: skip
     if trl is not None:
@@ -132,13 +134,6 @@ def main() -> None:
         },
     )
     print(f"\nwritten: {path}")
-
-
-def groups_setting(overrides: list[str]) -> str:
-    """How the minibatches are cut, as the last `--set` of ppo.group_minibatches says."""
-    values = [o.split("=", 1)[1] for o in overrides if o.startswith("ppo.group_minibatches=")]
-    whole = values[-1].lower() in ("true", "1", "yes")
-    return "whole groups" if whole else "responses shuffled one by one"
 
 
 if __name__ == "__main__":

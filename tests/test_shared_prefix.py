@@ -105,11 +105,13 @@ def test_a_groups_prompt_is_taken_out_once_where_that_saves_more_than_the_system
     assert batch["position_ids"][:, 0].tolist() == [29, 27, 29, 29, 27]
     assert batch["response_mask"].sum(dim=1).tolist() == [3, 5, 1, 4, 2]
     # no prompt repeated, prompts too short, or the batch-wide system prompt saves as much: no
-    assert prompt_groups(SAMPLES) is None
+    assert prompt_groups(SAMPLES, shared_prompt_length(SAMPLES)) is None
     short = [{**s, "prompt_ids": s["prompt_ids"][-MIN_SHARED_TOKENS:]} for s in GROUPS]
-    assert prompt_groups(short) is None and "prefix_ids" not in pack(short, PAD)
+    assert prompt_groups(short, shared_prompt_length(short)) is None
+    assert "prefix_ids" not in pack(short, PAD)
     once = [GROUPS[0], GROUPS[1], GROUPS[2]]  # saves 29 tokens; the system prompt, 2 × 20
-    assert prompt_groups(once) is None and pack(once, PAD)["prefix_ids"].shape == (1, 20)
+    assert prompt_groups(once, shared_prompt_length(once)) is None
+    assert pack(once, PAD)["prefix_ids"].shape == (1, 20)
 
 
 @LAYOUTS
