@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.busy import BusyClock
+from actors.threads import thread_env
 from cluster import ActorGroup
 from cluster.groups import split_evenly
 
@@ -472,6 +473,7 @@ class LearnerGroup:
             call_timeout_s=call_timeout_s,
             log=log,
             actor_kwargs={"torch_threads": engine.torch_threads},
+            env_vars=thread_env(engine.torch_threads),
         )
         # each rank connects as soon as it has started; its later calls queue behind this one
         master = self.group.actors[0].address.remote()

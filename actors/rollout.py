@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.busy import BusyClock
+from actors.threads import thread_env
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,8 @@ def _temporary_files_in(folder: str | None) -> Iterator[None]:
 
 
 def engine_env(config: EngineConfig) -> dict[str, str]:
-    """Environment variables for an engine's process, set when it starts (OpenMP reads them
-    when torch loads). An engine of several threads waits at the end of each parallel region
-    asleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`): where another role works on one
-    of its cores, a spinning team waits for its descheduled thread at every barrier. Measured
-    on SmolLM2 (16 prompts, 32 new tokens, 2 cores): two threads spinning 4.3 s alone and 13 s
-    beside a training process, asleep 3.8 s and 6.1 s, one thread 5.7 s and 6.0 s."""
-    return {"OMP_WAIT_POLICY": "PASSIVE"} if config.torch_threads > 1 else {}
+    """Environment variables for an engine's process (`thread_env`)."""
+    return thread_env(config.torch_threads)
 
 
 class RolloutEngine(BusyClock):

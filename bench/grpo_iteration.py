@@ -12,8 +12,10 @@ The roles are the real actors of a run (bench/ppo_iteration.yaml with ppo.advant
 ppo.group_minibatches: a minibatch holds whole groups, so a prompt is computed once for its 4
 responses in training as in scoring; `--set ppo.group_minibatches=false` times the responses
 shuffled one by one): one vLLM engine sampling the 4 responses of a prompt together, the RM, the
-reference and a one-rank DeepSpeed policy; no critic; then colocated (a worker per core hosting
-a policy rank, an engine, the RM and the reference); and the peer, Hugging Face TRL's
+reference and a one-rank DeepSpeed policy; no critic, so the policy trains alone and its rank
+gets the machine's cores, as the engine does when it generates (`--sync-learner-threads`,
+`--sync-engine-threads`; the floors run one thread); then colocated (a worker per core hosting a
+policy rank, an engine, the RM and the reference, a thread each); and the peer, Hugging Face TRL's
 GRPOTrainer (1.16) on the same workload in its own environment (`make peers`), with 1 and with 2
 torch threads (its faster count is the one compared; its iteration: one generation batch and the
 minibatch steps over it). Prints tables and writes bench/results/grpo_iteration.json
@@ -66,6 +68,19 @@ def main() -> None:
         "--peer-iterations", type=int, default=3, help="timed TRL iterations (0: no peer)"
     )
     add_engine_threads_argument(parser)
+    parser.add_argument(
+        "--sync-learner-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="learner.torch_threads of the separate placement, where the policy trains alone "
+        "(no critic; default the machine's cores)",
+    )
+    parser.add_argument(
+        "--placement",
+        choices=("separate", "colocated", "both"),
+        default="both",
+        help="the roles' placement(s) to time",
+    )
     args = parser.parse_args()
     n_prompts = args.prompts
     args.set = [
@@ -102,30 +117,28 @@ def main() -> None:
             prompts,
             "grpo_iteration",
         )
+    placements = ("separate", "colocated") if args.placement == "both" else (args.placement,)
     with quiet_ray("grpo_iteration", num_cpus=os.cpu_count()):
-        r = run_mode(False, policy_dir, rm_dir, prompts, args)
-        colocated = run_mode(False, policy_dir, rm_dir, prompts, args, "colocated")
+        ours = {p: run_mode(False, policy_dir, rm_dir, prompts, args, p) for p in placements}
     floor_sum = gen_floor + train_floor
     cut = "whole groups" if config.ppo.group_minibatches else "responses shuffled one by one"
     phases = ("generate", "reward", "reference", "train", "weight_sync")
     rows = floor_rows(gen_floor, train_floor, eager, columns=3)
-    rows += phase_rows(r, "separate: iteration", phases, 3)
-    rows[2][2] = f"{r['seconds'] / floor_sum:.2f}× sum of floors"
-    rows += phase_rows(colocated, "colocated: iteration", phases, 3)
-    rows[-len(phases) - 1][2] = f"{colocated['seconds'] / floor_sum:.2f}× sum of floors"
+    for placement, r in ours.items():
+        rows += phase_rows(r, f"{placement}: iteration", phases, 3)
+        rows[-len(phases) - 1][2] = f"{r['seconds'] / floor_sum:.2f}× sum of floors"
     print(table(f"GRPO iteration of {Path(policy_dir).name}: {n_prompts} prompts × {GROUP} "
                 f"samples, {len(prompts[0])} → {args.new_tokens} new tokens, 1 epoch, minibatch "
                 f"{MINIBATCH} ({cut}); median of {args.iterations} after "
                 f"{args.warmup} warm-up",
                 ["", "seconds", "vs floor"], rows))  # fmt: skip
     if trl is not None:
-        ours = {"separate": r, "colocated": colocated}
         print(peer_table(trl, "Hugging Face TRL's GRPOTrainer 1.16", "iteration", ours))
     path = write(
         "grpo_iteration" if args.model is None else f"grpo_iteration_{policy_dir.name}",
         {
-            **r,
-            "colocated": colocated,
+            **ours.get("separate", {}),
+            "colocated": ours.get("colocated"),
             "floor_sum_seconds": floor_sum,
             "generate_alone_seconds": gen_floor,
             "train_alone_seconds": train_floor,

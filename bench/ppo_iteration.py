@@ -126,11 +126,17 @@ def add_engine_threads_argument(parser: argparse.ArgumentParser) -> None:
 
 def engine_threads(args: Any, overlap: bool, placement: str) -> list[str]:
     """Separate and synchronous, the engine generates alone: `--sync-engine-threads` threads
-    (rollout.torch_threads; default the machine's cores). Overlapped, it generates beside the
-    training, and colocated, it shares its worker's threads: one."""
+    (rollout.torch_threads; default the machine's cores), and where the policy trains alone (no
+    critic beside it: `--sync-learner-threads`, GRPO's benchmark) its rank as many
+    (learner.torch_threads). Overlapped, the engine generates beside the training, and
+    colocated, each role shares its worker's threads: one."""
     if overlap or placement != "separate":
         return []
-    return [f"rollout.torch_threads={args.sync_engine_threads}"]
+    learner = getattr(args, "sync_learner_threads", None)
+    return [
+        f"rollout.torch_threads={args.sync_engine_threads}",
+        *([f"learner.torch_threads={learner}"] if learner else []),
+    ]
 
 
 def bench_config(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,10 +37,13 @@ def _train(
     zero_stage: int,
     steps: int,
     save_to: Path | None = None,
+    torch_threads: int = 1,
+    inspect: Callable[[LearnerGroup], None] | None = None,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     engine = EngineSpec(
         zero_stage=zero_stage,
         backend="gloo",
+        torch_threads=torch_threads,
         seed=0,
         collective_timeout_s=120,
         micro_batch=len(batch) // ranks,
@@ -51,6 +56,8 @@ def _train(
         placement_timeout_s=60,
         call_timeout_s=120,
     ) as group:
+        if inspect is not None:
+            inspect(group)
         group.build(
             ModelSpec(str(small_task / "base_model")),
             OptimSpec(lr=1e-2, total_steps=steps, grad_clip=1.0),
@@ -109,6 +116,41 @@ def test_two_ranks_take_the_same_steps_as_one(
     assert AutoTokenizer.from_pretrained(saved).chat_template
     assert json.loads((saved / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert not (tmp_path / "model.tmp").exists()
+
+
+def test_a_rank_of_two_threads_runs_them_asleep_when_they_wait_and_takes_the_same_steps(
+    ray_cluster, small_task: Path, fixed_batch
+) -> None:
+    """`learner.torch_threads`: the rank's matrix products run on that many threads, which wait
+    asleep at the end of a parallel region (a policy that trains alone on the machine's cores
+    keeps none spinning when the engine generates next), with the cluster's environment; its
+    steps are those of one thread to float rounding."""
+    import ray
+
+    def threads_and_env(group: LearnerGroup) -> None:
+        [actor] = group.group.actors
+        threads, env = ray.get(
+            actor.__ray_call__.remote(lambda _: (torch.get_num_threads(), dict(os.environ)))
+        )
+        seen[threads] = env
+
+    seen: dict[int, dict[str, str]] = {}
+    losses = {}
+    for threads in (1, 2):
+        losses[threads], _ = _train(
+            small_task,
+            fixed_batch,
+            ranks=1,
+            zero_stage=2,
+            steps=2,
+            torch_threads=threads,
+            inspect=threads_and_env,
+        )
+    assert seen.keys() == {1, 2}
+    assert seen[2].get("OMP_WAIT_POLICY") == "PASSIVE"
+    assert seen[1].get("OMP_WAIT_POLICY") is None
+    assert seen[2]["GLOO_SOCKET_IFNAME"] == "lo"  # the cluster's own variables stay
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_a_group_larger_than_the_cluster_fails_fast_and_says_why(ray_cluster) -> None:
