@@ -12,6 +12,7 @@ import pytest
 import ray
 import torch
 
+from actors.batching import prompt_groups, shared_prompt_length
 from actors.learner import EngineSpec, LearnerGroup, ModelSpec, OptimSpec
 from actors.rollout import EngineConfig, RolloutEngine, Sampling
 from actors.scorers import ReferencePolicy, RewardModel
@@ -25,7 +26,13 @@ from trainers.data import (
     encode_prompt,
     encode_prompts,
 )
-from trainers.objectives import learner_logprobs, rm_eval, sft_objective
+from trainers.objectives import (
+    learner_logprobs,
+    policy_batch,
+    ppo_objective,
+    rm_eval,
+    sft_objective,
+)
 
 pytestmark = pytest.mark.real_model
 
@@ -187,6 +194,66 @@ def test_engine_learner_and_reference_agree_through_syncs_and_saves(
     gaps["saved, vLLM"] = _max_gap(
         [row[len(s["prompt_ids"]) - 1 :] for row, s in zip(engine_seq, after, strict=True)], at_1
     )
+    print("largest log-prob gaps:", {k: f"{v:.1e}" for k, v in gaps.items()})
+    assert all(g < TOLERANCE for g in gaps.values()), gaps
+
+
+@pytest.mark.integration
+def test_a_groups_prompt_computed_once_through_the_actors(
+    engine, smollm2: Path, tokenizer
+) -> None:
+    """GRPO's batch (n samples of each prompt) through the real roles: the engine samples the
+    groups, the reference and the policy's DeepSpeed rank compute each group's prompt once
+    (`prompt_groups`) and give the engine's log-probs; a step on a minibatch of whole groups
+    (`ppo.group_minibatches`) starts at ratio 1 with the surrogate's loss, and moves the
+    weights; after it, the grouped pass still gives each row what it gets alone."""
+    questions = ["Name three colors of the rainbow.", "What is the capital of France?"]
+    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    sampling = Sampling(max_new_tokens=8, temperature=TEMPERATURE, n=4)
+    [samples] = engine.call("generate", prompts, sampling)
+    assert [s["prompt_ids"] for s in samples] == [p for p in prompts for _ in range(4)]
+    grouped = prompt_groups(samples, shared_prompt_length(samples))
+    assert grouped is not None and grouped[1] == [0, 0, 0, 0, 1, 1, 1, 1]  # the path under test
+
+    eos = tokenizer.eos_token_id
+    engine_lp = [s["logprobs"] for s in samples]
+    reference = ReferencePolicy(0, 1, str(smollm2), batch_size=8)
+    gaps = {"reference": _max_gap(reference.logprobs(samples, TEMPERATURE), engine_lp)}
+    spec = EngineSpec(zero_stage=2, backend="gloo", micro_batch=8, collective_timeout_s=300)
+    lp = partial(learner_logprobs, pad_id=eos, temperature=TEMPERATURE)
+    with LearnerGroup(name="policy", ranks=1, engine=spec, cpus_per_rank=0.5) as policy:
+        policy.build(ModelSpec(str(smollm2)), OptimSpec(lr=1e-4, total_steps=1))
+
+        def learner(batch: list[dict]) -> list[list[float]]:
+            refs = policy.submit_forward_slice(ray.put(batch), lp)
+            return policy.group.get(refs, "forward_slice")[0]
+
+        gaps["learner"] = _max_gap(learner(samples), engine_lp)
+        advantages = [1.0, -1.0, 0.5, -0.5, 0.25, -0.25, 1.0, -1.0]  # a group's are centred
+        experience = [
+            {**s, "advantages": [a] * len(s["response_ids"])}
+            for s, a in zip(samples, advantages, strict=True)
+        ]
+        batch = policy_batch(
+            [experience, []], {"samples": list(range(8)), "ptx": []}, 0, 1,
+            pad_id=eos, adv_mean=0.0, adv_std=1.0,
+        )  # fmt: skip
+        assert batch["prefix_ids"].shape[0] == 2  # the learner's minibatch is grouped too
+        objective = partial(
+            ppo_objective, clip=0.2, temperature=TEMPERATURE, entropy_coef=0.0, ptx_coef=0.0
+        )
+        before = policy.state_dict()["model.norm.weight"].clone()
+        metrics = policy.train_step(objective, [batch])
+        after = policy.state_dict()["model.norm.weight"]
+        assert metrics["approx_kl"] < 1e-8 and metrics["clipfrac"] == 0.0  # ratio 1
+        # at ratio 1 the surrogate is minus the advantages' mean over the tokens
+        tokens = [len(s["response_ids"]) for s in samples]
+        mean = sum(a * n for a, n in zip(advantages, tokens, strict=True)) / sum(tokens)
+        assert metrics["policy_loss"] == pytest.approx(-mean, abs=1e-4)
+        assert float((after - before).abs().max()) > 1e-6
+        trained = learner(samples)
+        alone = [learner([s])[0] for s in samples]
+        gaps["learner after a step, grouped vs alone"] = _max_gap(trained, alone)
     print("largest log-prob gaps:", {k: f"{v:.1e}" for k, v in gaps.items()})
     assert all(g < TOLERANCE for g in gaps.values()), gaps
 
