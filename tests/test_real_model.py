@@ -199,9 +199,7 @@ def test_engine_learner_and_reference_agree_through_syncs_and_saves(
 
 
 @pytest.mark.integration
-def test_a_groups_prompt_computed_once_through_the_actors(
-    engine, smollm2: Path, tokenizer
-) -> None:
+def test_a_groups_prompt_computed_once_through_the_actors(engine, smollm2: Path, tokenizer) -> None:
     """GRPO's batch (n samples of each prompt) through the real roles: the engine samples the
     groups, the reference and the policy's DeepSpeed rank compute each group's prompt once
     (`prompt_groups`) and give the engine's log-probs; a step on a minibatch of whole groups
