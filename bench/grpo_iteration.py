@@ -14,7 +14,9 @@ responses in training as in scoring; `--set ppo.group_minibatches=false` times t
 shuffled one by one): one vLLM engine sampling the 4 responses of a prompt together, the RM, the
 reference and a one-rank DeepSpeed policy; no critic, so the policy trains alone and its rank
 gets the machine's cores, as the engine does when it generates (`--sync-learner-threads`,
-`--sync-engine-threads`; the floors run one thread); then colocated (a worker per core hosting a
+`--sync-engine-threads`; the floors run one thread); the same roles overlapped (`ppo.overlap`:
+the engine, on one thread, generates the next batch while the policy, on the other, trains on
+this one); then colocated (a worker per core hosting a
 policy rank, an engine, the RM and the reference, a thread each); and the peer, Hugging Face TRL's
 GRPOTrainer (1.16) on the same workload in its own environment (`make peers`), with 1 and with 2
 torch threads (its faster count is the one compared; its iteration: one generation batch and the
@@ -51,6 +53,11 @@ from bench.ppo_iteration import (
 )
 
 GROUP = 4  # samples per prompt
+MODES = (  # name, placement, overlapped
+    ("separate", "separate", False),
+    ("separate, overlapped", "separate", True),
+    ("colocated", "colocated", False),
+)
 
 
 def main() -> None:
@@ -117,16 +124,27 @@ def main() -> None:
             prompts,
             "grpo_iteration",
         )
-    placements = ("separate", "colocated") if args.placement == "both" else (args.placement,)
+    modes = [
+        (name, placement, overlap)
+        for name, placement, overlap in MODES
+        if args.placement in ("both", placement)
+    ]
     with quiet_ray("grpo_iteration", num_cpus=os.cpu_count()):
-        ours = {p: run_mode(False, policy_dir, rm_dir, prompts, args, p) for p in placements}
-    floor_sum = gen_floor + train_floor
+        ours = {
+            name: run_mode(overlap, policy_dir, rm_dir, prompts, args, placement)
+            for name, placement, overlap in modes
+        }
+    floor_sum, floor_max = gen_floor + train_floor, max(gen_floor, train_floor)
     cut = "whole groups" if config.ppo.group_minibatches else "responses shuffled one by one"
     phases = ("generate", "reward", "reference", "train", "weight_sync")
     rows = floor_rows(gen_floor, train_floor, eager, columns=3)
-    for placement, r in ours.items():
-        rows += phase_rows(r, f"{placement}: iteration", phases, 3)
-        rows[-len(phases) - 1][2] = f"{r['seconds'] / floor_sum:.2f}× sum of floors"
+    for name, r in ours.items():
+        rows += phase_rows(r, f"{name}: iteration", phases, 3)
+        rows[-len(phases) - 1][2] = (
+            f"{r['seconds'] / floor_max:.2f}× larger floor"
+            if "overlapped" in name
+            else f"{r['seconds'] / floor_sum:.2f}× sum of floors"
+        )
     print(table(f"GRPO iteration of {Path(policy_dir).name}: {n_prompts} prompts × {GROUP} "
                 f"samples, {len(prompts[0])} → {args.new_tokens} new tokens, 1 epoch, minibatch "
                 f"{MINIBATCH} ({cut}); median of {args.iterations} after "
@@ -138,6 +156,7 @@ def main() -> None:
         "grpo_iteration" if args.model is None else f"grpo_iteration_{policy_dir.name}",
         {
             **ours.get("separate", {}),
+            "overlapped": ours.get("separate, overlapped"),
             "colocated": ours.get("colocated"),
             "floor_sum_seconds": floor_sum,
             "generate_alone_seconds": gen_floor,
