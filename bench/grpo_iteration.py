@@ -44,6 +44,7 @@ from bench.common import (
 from bench.ppo_iteration import (
     MINIBATCH,
     add_engine_threads_argument,
+    add_placement_argument,
     bench_config,
     floor_rows,
     floors,
@@ -82,12 +83,7 @@ def main() -> None:
         help="learner.torch_threads of the separate placement, where the policy trains alone "
         "(no critic; default the machine's cores)",
     )
-    parser.add_argument(
-        "--placement",
-        choices=("separate", "colocated", "both"),
-        default="both",
-        help="the roles' placement(s) to time",
-    )
+    add_placement_argument(parser)
     args = parser.parse_args()
     n_prompts = args.prompts
     args.set = [

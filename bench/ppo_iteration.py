@@ -124,6 +124,15 @@ def add_engine_threads_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_placement_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--placement",
+        choices=("separate", "colocated", "both"),
+        default="both",
+        help="the roles' placement(s) to time",
+    )
+
+
 def engine_threads(args: Any, overlap: bool, placement: str) -> list[str]:
     """Separate and synchronous, the engine generates alone: `--sync-engine-threads` threads
     (rollout.torch_threads; default the machine's cores), and where the policy trains alone (no
@@ -283,12 +292,7 @@ def main() -> None:
         "--peer-steps", type=int, default=3, help="timed TRL steps per thread count (0: no peer)"
     )
     add_engine_threads_argument(parser)
-    parser.add_argument(
-        "--placement",
-        choices=("separate", "colocated", "both"),
-        default="both",
-        help="the roles' placement(s) to time",
-    )
+    add_placement_argument(parser)
     args = parser.parse_args()
     args.set = [
         f"ppo.rollout_batch={args.rollouts}",

@@ -103,6 +103,13 @@ def _max_gap(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for xs, ys in zip(a, b, strict=True) for x, y in zip(xs, ys, strict=True))
 
 
+def _learner_logprobs(policy: LearnerGroup, batch: list[dict], pad_id: int) -> list[list[float]]:
+    """The policy rank's log-probs of the samples' responses at the sampling temperature."""
+    lp = partial(learner_logprobs, pad_id=pad_id, temperature=TEMPERATURE)
+    refs = policy.submit_forward_slice(ray.put(batch), lp)
+    return policy.group.get(refs, "forward_slice")[0]
+
+
 @pytest.mark.integration
 def test_engine_learner_and_reference_agree_through_syncs_and_saves(
     engine, smollm2: Path, tokenizer, tmp_path: Path
@@ -120,13 +127,9 @@ def test_engine_learner_and_reference_agree_through_syncs_and_saves(
 
     reference = ReferencePolicy(0, 1, str(smollm2), batch_size=8)
     spec = EngineSpec(zero_stage=2, backend="gloo", micro_batch=4, collective_timeout_s=300)
-    lp = partial(learner_logprobs, pad_id=eos, temperature=TEMPERATURE)
     with LearnerGroup(name="policy", ranks=1, engine=spec, cpus_per_rank=0.5) as policy:
         policy.build(ModelSpec(str(smollm2)), OptimSpec(lr=2e-4, total_steps=4))
-
-        def learner(batch: list[dict]) -> list[list[float]]:
-            refs = policy.submit_forward_slice(ray.put(batch), lp)
-            return policy.group.get(refs, "forward_slice")[0]
+        learner = partial(_learner_logprobs, policy, pad_id=eos)
 
         engine_lp = [s["logprobs"] for s in samples]
         gaps = {"reference": _max_gap(reference.logprobs(samples, TEMPERATURE), engine_lp)}
@@ -218,13 +221,9 @@ def test_a_groups_prompt_computed_once_through_the_actors(engine, smollm2: Path,
     reference = ReferencePolicy(0, 1, str(smollm2), batch_size=8)
     gaps = {"reference": _max_gap(reference.logprobs(samples, TEMPERATURE), engine_lp)}
     spec = EngineSpec(zero_stage=2, backend="gloo", micro_batch=8, collective_timeout_s=300)
-    lp = partial(learner_logprobs, pad_id=eos, temperature=TEMPERATURE)
     with LearnerGroup(name="policy", ranks=1, engine=spec, cpus_per_rank=0.5) as policy:
         policy.build(ModelSpec(str(smollm2)), OptimSpec(lr=1e-4, total_steps=1))
-
-        def learner(batch: list[dict]) -> list[list[float]]:
-            refs = policy.submit_forward_slice(ray.put(batch), lp)
-            return policy.group.get(refs, "forward_slice")[0]
+        learner = partial(_learner_logprobs, policy, pad_id=eos)
 
         gaps["learner"] = _max_gap(learner(samples), engine_lp)
         advantages = [1.0, -1.0, 0.5, -0.5, 0.25, -0.25, 1.0, -1.0]  # a group's are centred
