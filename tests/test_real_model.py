@@ -210,21 +210,22 @@ def test_a_groups_prompt_computed_once_through_the_actors(engine, smollm2: Path,
     weights; after it, the grouped pass still gives each row what it gets alone."""
     questions = ["Name three colors of the rainbow.", "What is the capital of France?"]
     prompts = [encode_prompt(tokenizer, q) for q in questions]
-    sampling = Sampling(max_new_tokens=8, temperature=TEMPERATURE, n=4)
-    [samples] = engine.call("generate", prompts, sampling)
-    assert [s["prompt_ids"] for s in samples] == [p for p in prompts for _ in range(4)]
-    grouped = prompt_groups(samples, shared_prompt_length(samples))
-    assert grouped is not None and grouped[1] == [0, 0, 0, 0, 1, 1, 1, 1]  # the path under test
-
     eos = tokenizer.eos_token_id
-    engine_lp = [s["logprobs"] for s in samples]
     reference = ReferencePolicy(0, 1, str(smollm2), batch_size=8)
-    gaps = {"reference": _max_gap(reference.logprobs(samples, TEMPERATURE), engine_lp)}
     spec = EngineSpec(zero_stage=2, backend="gloo", micro_batch=8, collective_timeout_s=300)
     with LearnerGroup(name="policy", ranks=1, engine=spec, cpus_per_rank=0.5) as policy:
         policy.build(ModelSpec(str(smollm2)), OptimSpec(lr=1e-4, total_steps=1))
         learner = partial(_learner_logprobs, policy, pad_id=eos)
+        # the module's engine may hold another test's trained weights: it takes these first
+        assert engine.call("load_weights", policy.publish_weights(), 10) == [10]
+        sampling = Sampling(max_new_tokens=8, temperature=TEMPERATURE, n=4)
+        [samples] = engine.call("generate", prompts, sampling)
+        assert [s["prompt_ids"] for s in samples] == [p for p in prompts for _ in range(4)]
+        grouped = prompt_groups(samples, shared_prompt_length(samples))
+        assert grouped is not None and grouped[1] == [0, 0, 0, 0, 1, 1, 1, 1]  # the path tested
 
+        engine_lp = [s["logprobs"] for s in samples]
+        gaps = {"reference": _max_gap(reference.logprobs(samples, TEMPERATURE), engine_lp)}
         gaps["learner"] = _max_gap(learner(samples), engine_lp)
         advantages = [1.0, -1.0, 0.5, -0.5, 0.25, -0.25, 1.0, -1.0]  # a group's are centred
         experience = [
