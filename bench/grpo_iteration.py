@@ -19,8 +19,9 @@ the engine, on one thread, generates the next batch while the policy, on the oth
 this one); then colocated (a worker per core hosting a policy rank, an engine, the RM and the
 reference, a thread each); and the peer, Hugging Face TRL's GRPOTrainer (1.16) on the same
 workload in its own environment (`make peers`), with 1 and with 2 torch threads (its faster count
-is the one compared; its iteration: one generation batch and the minibatch steps over it). Prints tables and writes bench/results/grpo_iteration.json
-({"seconds", "floor_sum_seconds", ...}: seconds per iteration, median)."""
+is the one compared; its iteration: one generation batch and the minibatch steps over it).
+Prints tables and writes bench/results/grpo_iteration.json ({"seconds", "floor_sum_seconds",
+...}: seconds per iteration, median)."""
 
 from __future__ import annotations
 
