@@ -91,3 +91,26 @@ def test_colocated_ranks_take_the_same_steps_as_separate_ones_and_hand_them_to_t
         for got, want, old in zip(after[rank], trained, before[rank], strict=True):
             assert got == pytest.approx(want, abs=2e-4)
             assert old != pytest.approx(want, abs=2e-4)  # the engine did change weights
+
+
+def test_a_worker_of_two_threads_has_them_wait_asleep(ray_cluster) -> None:
+    """A colocated worker hosts parts of `learner.torch_threads` threads (its rank and its
+    engine): its process waits asleep at the end of a parallel region, as a separate role's."""
+    import os
+
+    import ray
+
+    from trainers.common import host_group
+    from trainers.config import load_config
+
+    for threads in (1, 2):
+        config = load_config(
+            Path(__file__).parents[1] / "configs" / "tiny.yaml",
+            ["placement=colocated", "learner.ranks=1", "learner.cpus_per_rank=0.5",
+             f"learner.torch_threads={threads}"],
+        )  # fmt: skip
+        with host_group(config) as hosts:
+            [host] = hosts.actors
+            env = ray.get(host.__ray_call__.remote(lambda _: dict(os.environ)))
+        assert env.get("OMP_WAIT_POLICY") == ("PASSIVE" if threads > 1 else None)
+        assert env["GLOO_SOCKET_IFNAME"] == "lo"  # the cluster's own variables stay

@@ -11,6 +11,7 @@ import torch
 
 from actors.learner import EngineSpec, Learner, LearnerGroup, OptimSpec
 from actors.rollout import EngineConfig, RolloutEngine, engine_env
+from actors.threads import thread_env
 from cluster import ActorGroup
 from cluster.colocated import Host, PartGroup
 from cluster.groups import split_evenly
@@ -126,6 +127,7 @@ def host_group(config: RunConfig, log: Callable[[str], None] = print) -> ActorGr
         autoscaling_timeout_s=autoscaling_timeout(config.ray),
         call_timeout_s=learner.collective_timeout_s,
         log=log,
+        env_vars=thread_env(learner.torch_threads),  # its parts run that many threads
     )
 
 
