@@ -96,6 +96,7 @@ def vllm_alone(
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # as our engine (actors/rollout.py)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -103,7 +104,9 @@ def vllm_alone(
         llm = LLM(
             model=model_dir, dtype="float32", enforce_eager=enforce_eager, max_model_len=128, seed=0
         )
-        params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, logprobs=0)
+        params = SamplingParams(
+            temperature=1.0, max_tokens=new_tokens, ignore_eos=True, logprobs=0, detokenize=False
+        )  # as our engine samples
         times = []
         for _ in range(repeats + 1):
             t = time.perf_counter()
