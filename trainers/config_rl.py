@@ -48,9 +48,10 @@ class RolloutConfig(Section):
     """broadcast sync: megabytes of weights per broadcast"""
     enforce_eager: bool = True
     """run the engine's model eagerly; false: vLLM compiles it (torch.compile, and CUDA graphs
-    on a GPU) after a longer start (on 2 CPU cores about 20-35 s, the compiled code cached in
-    .cache/vllm). On the 2-core CPU, bench/rollout.py measured no faster decoding; on GPUs the
-    CUDA graphs are what it is for"""
+    on a GPU) after a longer start, the compiled code cached in .cache/vllm (on 2 CPU cores the
+    tiny model 6-15 s more, SmolLM2 about 100 s the first time and 30 s once cached). Compiled,
+    the engine decoded the standard workload 1.28x faster and SmolLM2 1.1x (bench/rollout.py,
+    2026-12-07): a long run's setting; the default suits short runs and tests"""
 
 
 class ScorerConfig(Section):
