@@ -79,6 +79,7 @@ class ActorGroup:
         placement_timeout_s: float = 120.0,
         autoscaling_timeout_s: float | None = None,
         call_timeout_s: float | None = 600.0,
+        start_timeout_s: float = 600.0,
         actor_kwargs: dict[str, Any] | None = None,
         env_vars: dict[str, str] | None = None,
         log: Callable[[str], None] = print,
@@ -86,6 +87,8 @@ class ActorGroup:
         self.name = name
         self.n = n
         self.call_timeout_s = call_timeout_s
+        # a start is no call: a new process imports, loads its model and may compile it first
+        self.start_timeout_s = start_timeout_s
         self.bundle = _bundle(num_cpus, num_gpus, memory_gb, resources)
         fits_now = self._check_feasible(
             self.bundle, n, autoscaling=autoscaling_timeout_s is not None
@@ -158,11 +161,12 @@ class ActorGroup:
 
     def replace(self, rank: int, timeout_s: float | None = None) -> Any:
         """End rank (dead or hung) and start a new actor in its place, in the same bundle of the
-        placement group; returns the new handle once it answers."""
+        placement group; returns the new handle once it answers (within `timeout_s`, by default
+        the group's `start_timeout_s`, however short its calls' deadline)."""
         ray.kill(self.actors[rank], no_restart=True)
         self.actors[rank] = self._start(rank)
         self.replaced += 1
-        deadline = self.call_timeout_s if timeout_s is None else timeout_s
+        deadline = self.start_timeout_s if timeout_s is None else timeout_s
         try:
             ray.get(self.actors[rank].__ray_ready__.remote(), timeout=deadline)
         except (GetTimeoutError, RayActorError, RayTaskError) as e:
@@ -252,7 +256,7 @@ class ActorGroup:
         """Results of `refs` (one per rank), or a RemoteCallError naming the rank that failed.
         The first rank to fail ends the wait: the others may be blocked in a collective with
         it, and would only give up at their own deadline."""
-        deadline = self.call_timeout_s if timeout_s is None else timeout_s
+        deadline = self.start_timeout_s if timeout_s is None else timeout_s
         end = None if deadline is None else time.monotonic() + deadline
         results: list[Any] = [None] * len(refs)
         pending = {ref: rank for rank, ref in enumerate(refs)}

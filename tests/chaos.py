@@ -101,3 +101,13 @@ class Chaos:
         self.stopped.set()
         for thread in self.threads:
             thread.join(timeout=5)
+
+
+class SlowToComeBack:
+    """An actor that starts at once the first time; a replacement (the marker file exists by
+    then) takes `delay_s` to start. In this module so that Ray's workers can import it."""
+
+    def __init__(self, rank: int, world_size: int, marker: str, delay_s: float) -> None:
+        if os.path.exists(marker):
+            time.sleep(delay_s)
+        open(marker, "a").close()

@@ -136,6 +136,37 @@ def test_a_role_that_no_node_can_host_fails_at_once_listing_the_nodes(ray_cluste
 
 
 @pytest.mark.integration
+def test_a_replacement_gets_the_start_deadline_not_the_calls(ray_cluster, tmp_path: Path) -> None:
+    """A role's calls may have a short deadline (learner.collective_timeout_s, to find a hung
+    rank soon); its replacement, a new process that imports and loads its model, is waited for
+    up to the start deadline, and one that does not start within it fails naming the role."""
+    import time
+
+    import ray
+
+    from cluster import ActorGroup, RemoteCallError
+    from tests.chaos import SlowToComeBack
+
+    kwargs = {"marker": str(tmp_path / "started"), "delay_s": 4.0}
+    with ActorGroup(
+        SlowToComeBack, 1, name="reference", num_cpus=0.1, call_timeout_s=1.0,
+        start_timeout_s=60.0, actor_kwargs=kwargs,
+    ) as group:  # fmt: skip
+        group.any_dead(timeout_s=60)
+        t = time.perf_counter()
+        actor = group.replace(0)
+        assert time.perf_counter() - t >= 4.0  # it waited for the start, past the calls' 1 s
+        ray.get(actor.__ray_ready__.remote(), timeout=5)
+        assert group.replaced == 1
+    slow = ActorGroup(
+        SlowToComeBack, 1, name="reference", num_cpus=0.1, start_timeout_s=1.0,
+        actor_kwargs=kwargs,
+    )  # fmt: skip
+    with slow, pytest.raises(RemoteCallError, match="reference rank 0: its replacement did not"):
+        slow.replace(0)
+
+
+@pytest.mark.integration
 def test_a_role_that_cannot_be_placed_takes_down_the_roles_already_started(demo_run) -> None:
     """The critic asks for a resource no node has: the PPO roles fail to start, naming it, and
     the engine, scorers and policy that had started are gone, their CPUs free again."""
