@@ -256,7 +256,7 @@ class ActorGroup:
         """Results of `refs` (one per rank), or a RemoteCallError naming the rank that failed.
         The first rank to fail ends the wait: the others may be blocked in a collective with
         it, and would only give up at their own deadline."""
-        deadline = self.start_timeout_s if timeout_s is None else timeout_s
+        deadline = self.call_timeout_s if timeout_s is None else timeout_s
         end = None if deadline is None else time.monotonic() + deadline
         results: list[Any] = [None] * len(refs)
         pending = {ref: rank for rank, ref in enumerate(refs)}
